@@ -1,0 +1,98 @@
+"""What a run keeps on disk: the full training state (to resume) and the best model (to use).
+
+Both are written to a temporary directory and renamed into place, so a kill at any instant
+leaves either the previous or the new copy complete, never half of one.
+"""
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .helpers import UserError, fsync_dir, recover_dir, replace_dir_atomic, rng_state, set_rng_state, write_json_atomic
+
+STATE_DIR = "state"
+BEST_DIR = "best_model"
+
+
+@dataclass
+class Progress:
+    """Where a run is. Saved with the training state; everything needed to continue exactly."""
+    step: int = 0                 # optimizer steps taken
+    epoch: int = 0                # current epoch (0-based)
+    batch_in_epoch: int = 0       # batches of this epoch already consumed
+    best_cider: float = float("-inf")
+    best_step: int = -1
+    last_eval_step: int = -1
+    loss_sum: float = 0.0         # training loss summed since the last evaluation
+    loss_count: int = 0
+    captions_seen: int = 0
+    images_skipped: int = 0
+    elapsed_seconds: float = 0.0  # wall time of the run (training and validation), summed over resumes
+
+
+def trainable_state(model):
+    """The parameters being trained (all of them, or only LoRA's), keyed by name."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_training_state(output_dir, model, optimizer, scheduler, scaler, progress):
+    output_dir = Path(output_dir)
+    tmp = output_dir / (STATE_DIR + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()},
+               tmp / "optimizer.pt")
+    write_json_atomic(tmp / "progress.json", dataclasses.asdict(progress))
+    fsync_dir(tmp)
+    replace_dir_atomic(tmp, output_dir / STATE_DIR)
+
+
+def has_training_state(output_dir):
+    return (recover_dir(Path(output_dir) / STATE_DIR) / "progress.json").is_file()
+
+
+def load_training_state(output_dir, model, optimizer, scheduler, scaler):
+    """Restore weights, optimizer, scheduler, scaler and RNG from `output_dir/state`; return its Progress."""
+    state_dir = recover_dir(Path(output_dir) / STATE_DIR)
+    try:
+        weights = load_file(state_dir / "trainable.safetensors")
+        # written by this program (tensors and plain containers only): safe with weights_only
+        extra = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        with open(state_dir / "progress.json") as f:
+            progress = Progress(**json.load(f))
+    except (OSError, RuntimeError, ValueError, TypeError) as error:
+        raise UserError(f"{state_dir}: training state cannot be read ({error})")
+    expected = set(trainable_state(model))
+    if set(weights) != expected:
+        raise UserError(f"{state_dir}: saved weights do not match this model "
+                        f"({len(set(weights) ^ expected)} parameter names differ; was it made with another --checkpoint?)")
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    if scaler is not None and extra["scaler"] is not None:
+        scaler.load_state_dict(extra["scaler"])
+    set_rng_state(extra["rng"])
+    return progress
+
+
+def save_best_model(output_dir, model, processor):
+    """Write `best_model/` (full model, or the LoRA adapter) with its processor, atomically."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / (BEST_DIR + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    fsync_dir(tmp)
+    replace_dir_atomic(tmp, output_dir / BEST_DIR)
+
+
+def best_model_dir(output_dir):
+    return recover_dir(Path(output_dir) / BEST_DIR)

@@ -1,0 +1,148 @@
+"""A run's configuration: constants (or their environment variables) < the saved run < command-line flags."""
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import constants as C
+from .helpers import UserError, write_json_atomic
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class RunConfig:
+    method: str
+    data_dir: str
+    output_dir: str
+    checkpoint: str
+    epochs: int
+    max_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    lr_schedule: str
+    max_grad_norm: float
+    precision: str
+    seed: int
+    eval_every: int
+    save_every: int
+    eval_batch_size: int
+    num_beams: int
+    max_new_tokens: int
+    min_new_tokens: int
+    max_caption_tokens: int
+    num_workers: int
+    drop_rejected: bool
+    drop_precanned: bool
+    val_max_images: int
+    val_meteor: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: str
+    objective: str = "xe"
+
+    def save(self):
+        write_json_atomic(Path(self.output_dir) / CONFIG_FILE, dataclasses.asdict(self))
+
+
+def defaults(method):
+    """The run configuration from src/base/constants.py alone."""
+    return dict(
+        method=method.name, data_dir=C.DATA_DIR, output_dir=str(Path(C.RESULTS_DIR) / method.name),
+        checkpoint=method.default_checkpoint, epochs=C.EPOCHS, max_steps=C.MAX_STEPS, batch_size=C.BATCH_SIZE,
+        lr=method.default_lr, weight_decay=C.WEIGHT_DECAY, warmup_ratio=C.WARMUP_RATIO, lr_schedule=C.LR_SCHEDULE,
+        max_grad_norm=C.MAX_GRAD_NORM, precision=C.PRECISION, seed=C.SEED, eval_every=C.EVAL_EVERY,
+        save_every=C.SAVE_EVERY, eval_batch_size=C.EVAL_BATCH_SIZE, num_beams=C.NUM_BEAMS,
+        max_new_tokens=C.MAX_NEW_TOKENS, min_new_tokens=C.MIN_NEW_TOKENS, max_caption_tokens=C.MAX_CAPTION_TOKENS,
+        num_workers=C.NUM_WORKERS, drop_rejected=C.DROP_REJECTED, drop_precanned=C.DROP_PRECANNED,
+        val_max_images=C.VAL_MAX_IMAGES, val_meteor=C.VAL_METEOR, lora_r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT,
+        lora_targets=C.LORA_TARGETS, objective="xe",
+    )
+
+
+def load_saved(output_dir):
+    """The configuration a run in `output_dir` was started with, or None."""
+    path = Path(output_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(RunConfig)}}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise UserError(f"{path}: run configuration is not valid JSON ({error})")
+
+
+def resolve(method, args, saved=None):
+    """Merge defaults < `saved` (a resumed run's config) < flags the user actually gave."""
+    values = defaults(method)
+    if saved:
+        if saved.get("method") != method.name:
+            raise UserError(f"{Path(args.output_dir) / CONFIG_FILE}: this directory holds a '{saved.get('method')}' run, "
+                            f"not '{method.name}' (use src.{saved.get('method')}.* or another --output-dir)")
+        values.update(saved)
+    given = {k: v for k, v in vars(args).items() if v is not None and k in values}
+    values.update(given)
+    if args.keep_rejected:
+        values["drop_rejected"] = False
+    if args.keep_precanned:
+        values["drop_precanned"] = False
+    config = RunConfig(**values)
+    _check(config)
+    return config
+
+
+def _check(config):
+    positive = ["batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "max_caption_tokens", "lora_r"]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.max_caption_tokens < 3:
+        raise UserError("--max-caption-tokens must be at least 3 (start token, one word, end token)")
+    if config.max_steps <= 0 and config.epochs <= 0:
+        raise UserError("give --epochs or --max-steps greater than 0")
+    if config.lr <= 0:
+        raise UserError(f"--lr must be positive, got {config.lr}")
+    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {config.precision!r}")
+
+
+def training_parser(description):
+    """Flags shared by train and resume (all default to None: 'not given', so saved values survive a resume)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data-dir", help="VizWiz root: annotations/{train,val,test}.json and train/ val/ test/ images")
+    p.add_argument("--output-dir", help="where the run writes best_model/, metrics.jsonl, state/, logs")
+    p.add_argument("--checkpoint", help="starting model: hub name or local directory")
+    p.add_argument("--objective", choices=["xe"], help="training objective: xe = cross-entropy")
+    p.add_argument("--epochs", type=int, help="passes over every kept caption of the training set")
+    p.add_argument("--max-steps", type=int, help="optimizer steps in all; > 0 overrides --epochs")
+    p.add_argument("--batch-size", type=int, help="images per step; each brings all its kept captions")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-ratio", type=float, help="fraction of steps for linear warm-up")
+    p.add_argument("--lr-schedule", help="transformers scheduler name: cosine, linear, constant_with_warmup, ...")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (0 = off)")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, else fp32)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int, help="steps between validations (0 = only at epoch ends)")
+    p.add_argument("--save-every", type=int, help="steps between training-state saves (0 = only at validations)")
+    p.add_argument("--eval-batch-size", type=int, help="images per generate() call")
+    p.add_argument("--num-beams", type=int, help="beam size for validation captions")
+    p.add_argument("--max-new-tokens", type=int, help="longest generated caption, in tokens")
+    p.add_argument("--min-new-tokens", type=int, help="shortest generated caption, in tokens")
+    p.add_argument("--max-caption-tokens", type=int, help="training captions are cut to this many tokens")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers (-1 = from NSLOTS / CPU count)")
+    p.add_argument("--val-max-images", type=int, help="score only the first N validation images (0 = all)")
+    p.add_argument("--val-meteor", action=argparse.BooleanOptionalAction,
+                   help="also compute METEOR at each validation (slow: a Java process per validation)")
+    p.add_argument("--keep-rejected", action="store_true", help="train and score on rejected captions too")
+    p.add_argument("--keep-precanned", action="store_true", help="train and score on precanned captions too")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (src.peft)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (src.peft)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (src.peft)")
+    p.add_argument("--lora-targets", help="comma-separated module names for LoRA (src.peft), e.g. query,value")
+    return p

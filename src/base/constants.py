@@ -1,0 +1,79 @@
+"""Every path and default in one place.
+
+Edit a value here, or override it for one shell with an environment variable of
+the same name (``DATA_DIR=/scratch/vizwiz python -m src.ft.train``). Command-line
+flags override both. Nothing machine-specific is hard-coded anywhere else.
+"""
+import os
+import sys
+from pathlib import Path
+
+
+def _env(name, default):
+    """The environment variable `name` if set, cast to the type of `default`."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        _bad_env(f"environment variable {name}={raw!r} is not a boolean (use 1/0, true/false)")
+    try:
+        return type(default)(raw)
+    except ValueError:
+        _bad_env(f"environment variable {name}={raw!r} is not a valid {type(default).__name__}")
+
+
+def _bad_env(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# ---- paths ---------------------------------------------------------------
+# VizWiz layout: DATA_DIR/annotations/{train,val,test}.json, images in DATA_DIR/{train,val,test}/
+DATA_DIR = _env("DATA_DIR", str(REPO_ROOT / "data" / "vizwiz"))
+RESULTS_DIR = _env("RESULTS_DIR", str(REPO_ROOT / "results"))
+DEMO_DIR = _env("DEMO_DIR", str(REPO_ROOT / "data" / "demo"))
+
+# ---- checkpoints (hub names or local directories) ------------------------
+FT_CHECKPOINT = _env("FT_CHECKPOINT", "Salesforce/blip-image-captioning-base")
+PEFT_CHECKPOINT = _env("PEFT_CHECKPOINT", "Salesforce/blip-image-captioning-large")
+
+# ---- data ----------------------------------------------------------------
+DROP_REJECTED = _env("DROP_REJECTED", True)      # captions flagged is_rejected by VizWiz
+DROP_PRECANNED = _env("DROP_PRECANNED", True)    # "Quality issues are too severe ..." captions
+MAX_CAPTION_TOKENS = _env("MAX_CAPTION_TOKENS", 40)  # longer captions are truncated (incl. [DEC] and [SEP])
+NUM_WORKERS = _env("NUM_WORKERS", -1)            # DataLoader workers; -1 = from NSLOTS / CPU count
+
+# ---- optimisation ----------------------------------------------------------
+EPOCHS = _env("EPOCHS", 5)
+MAX_STEPS = _env("MAX_STEPS", 0)                 # > 0 overrides EPOCHS
+BATCH_SIZE = _env("BATCH_SIZE", 16)              # images per batch; each brings all its kept captions
+FT_LR = _env("FT_LR", 2e-5)
+PEFT_LR = _env("PEFT_LR", 2e-4)
+WEIGHT_DECAY = _env("WEIGHT_DECAY", 0.05)
+WARMUP_RATIO = _env("WARMUP_RATIO", 0.05)        # fraction of all steps spent warming up
+LR_SCHEDULE = _env("LR_SCHEDULE", "cosine")      # any transformers.get_scheduler name
+MAX_GRAD_NORM = _env("MAX_GRAD_NORM", 1.0)
+PRECISION = _env("PRECISION", "auto")            # auto | fp32 | bf16 | fp16
+SEED = _env("SEED", 42)
+
+# ---- LoRA (src/peft) ---------------------------------------------------------
+LORA_R = _env("LORA_R", 8)
+LORA_ALPHA = _env("LORA_ALPHA", 32)
+LORA_DROPOUT = _env("LORA_DROPOUT", 0.1)
+LORA_TARGETS = _env("LORA_TARGETS", "query,value")
+
+# ---- evaluation and checkpoints ----------------------------------------------
+EVAL_EVERY = _env("EVAL_EVERY", 1000)            # steps; 0 = only at each epoch end
+SAVE_EVERY = _env("SAVE_EVERY", 500)             # steps between full training-state saves; 0 = only at evals
+EVAL_BATCH_SIZE = _env("EVAL_BATCH_SIZE", 64)
+NUM_BEAMS = _env("NUM_BEAMS", 3)
+MAX_NEW_TOKENS = _env("MAX_NEW_TOKENS", 30)
+MIN_NEW_TOKENS = _env("MIN_NEW_TOKENS", 5)
+VAL_MAX_IMAGES = _env("VAL_MAX_IMAGES", 0)       # > 0: score only the first N val images during training
+VAL_METEOR = _env("VAL_METEOR", False)           # METEOR during training validations (adds ~10 s of Java each)

@@ -1,0 +1,328 @@
+"""VizWiz-Captions: annotation files -> image records -> decoded images -> padded batches."""
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .helpers import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    path: Path
+    captions: list = field(default_factory=list)  # kept reference captions; empty for the test split
+
+
+# ---------------------------------------------------------------- annotations
+
+def annotation_path(data_dir, split):
+    return Path(data_dir) / "annotations" / f"{split}.json"
+
+
+def load_split(data_dir, split, drop_rejected=True, drop_precanned=True):
+    """Read `<data_dir>/annotations/<split>.json`; its images live in `<data_dir>/<split>/`."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: data directory does not exist (set --data-dir or DATA_DIR in src/base/constants.py)")
+    return load_annotations(annotation_path(data_dir, split), data_dir / split, drop_rejected, drop_precanned)
+
+
+def load_annotations(path, image_dir, drop_rejected=True, drop_precanned=True):
+    """Read a VizWiz-Captions annotation file into one ImageRecord per image, in file order.
+
+    Captions flagged `is_rejected` / `is_precanned` are dropped unless asked otherwise. Images
+    are all kept here (the test split has no captions); callers that train or score use
+    `with_captions` to drop images left without any caption.
+    """
+    path, image_dir = Path(path), Path(image_dir)
+    if not path.is_file():
+        raise UserError(f"{path}: annotation file not found (expected the VizWiz layout annotations/{{train,val,test}}.json)")
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error})")
+
+    images = _field(content, "images", list, path)
+    records, by_id = [], {}
+    for position, image in enumerate(images):
+        where = f"{path}: images[{position}]"
+        image_id = _field(image, "id", int, where)
+        file_name = _field(image, "file_name", str, where)
+        if image_id in by_id:
+            raise UserError(f"{where}: duplicate image id {image_id}")
+        by_id[image_id] = ImageRecord(image_id, image_dir / file_name)
+        records.append(by_id[image_id])
+
+    annotations = content.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise UserError(f"{path}: field 'annotations' should be a list")
+    for position, annotation in enumerate(annotations):
+        where = f"{path}: annotations[{position}]"
+        image_id = _field(annotation, "image_id", int, where)
+        caption = _field(annotation, "caption", str, where)
+        if image_id not in by_id:
+            raise UserError(f"{where}: image_id {image_id} is not in 'images'")
+        if drop_rejected and annotation.get("is_rejected", False):
+            continue
+        if drop_precanned and annotation.get("is_precanned", False):
+            continue
+        if caption.strip():
+            by_id[image_id].captions.append(caption.strip())
+    return records
+
+
+def with_captions(records):
+    """The records that still have at least one caption (others cannot be trained on or scored)."""
+    return [record for record in records if record.captions]
+
+
+def _field(obj, name, kind, where):
+    if not isinstance(obj, dict) or name not in obj:
+        raise UserError(f"{where}: missing field '{name}' (is this a VizWiz-Captions annotation file?)")
+    value = obj[name]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise UserError(f"{where}: field '{name}' should be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------- images
+
+class BadImage(Exception):
+    """An image file that is missing, empty, truncated or cannot be decoded."""
+
+
+def load_image(path, draft_size=None):
+    """Decode `path` to an RGB PIL image, upright (EXIF orientation applied), whatever its mode.
+
+    `draft_size` (width, height): let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while
+    decoding, never below that size; a 1632x1224 phone photo bound for 384x384 then decodes
+    4x faster. Raises BadImage for anything unreadable.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF and palette warnings on phone photos
+            with Image.open(path) as image:
+                if draft_size is not None:
+                    image.draft("RGB", _draft_request(image, draft_size))
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return to_rgb(upright)
+    except FileNotFoundError:
+        raise BadImage(f"{path}: file not found")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImage(f"{path}: cannot decode image ({error})")
+
+
+def _draft_request(image, size):
+    """Draft size in stored orientation: EXIF rotations 5-8 swap width and height."""
+    orientation = image.getexif().get(0x0112, 1)
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else tuple(size)
+
+
+def to_rgb(image):
+    """Convert any Pillow mode to 8-bit RGB: transparency over white, 16-bit and float scaled to 0-255."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(values / scale * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+class ImageTransform:
+    """Resize + rescale + normalise exactly as the checkpoint's BLIP image processor does, in numpy.
+
+    The settings are read from the processor saved with the checkpoint, so BLIP-base, BLIP-large
+    and the tiny demo model each get their own size and statistics.
+    """
+
+    def __init__(self, image_processor, use_draft=True):
+        size = image_processor.size
+        self.size = (size["width"], size["height"])
+        self.resample = image_processor.resample
+        self.scale = image_processor.rescale_factor if image_processor.do_rescale else 1.0
+        self.mean = np.array(image_processor.image_mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.array(image_processor.image_std, dtype=np.float32).reshape(3, 1, 1)
+        self.normalize = image_processor.do_normalize
+        self.use_draft = use_draft
+
+    def load(self, path):
+        return load_image(path, self.size if self.use_draft else None)
+
+    def __call__(self, image):
+        resized = image.resize(self.size, resample=self.resample)
+        pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) * self.scale
+        if self.normalize:
+            pixels = (pixels - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+# ---------------------------------------------------------------- datasets
+
+class CaptionTrainingSet(torch.utils.data.Dataset):
+    """One item per image: its pixels and the token ids of all its kept captions.
+
+    Captions are tokenised once, up front. A bad image yields None (the collator skips it).
+    """
+
+    def __init__(self, records, transform, caption_tokens):
+        self.records = records
+        self.transform = transform
+        self.caption_tokens = caption_tokens  # per record: list of token-id lists
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        try:
+            pixels = self.transform(self.transform.load(record.path))
+        except BadImage as error:
+            return {"bad": str(error)}
+        return {"pixel_values": pixels, "captions": self.caption_tokens[index], "image_id": record.image_id}
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Images to caption (validation or test). A bad image becomes a blank one, flagged, so it still gets a caption."""
+
+    def __init__(self, records, transform):
+        self.records = records
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        try:
+            image, bad = self.transform.load(record.path), None
+        except BadImage as error:
+            image, bad = Image.new("RGB", self.transform.size), str(error)
+        return {"pixel_values": self.transform(image), "image_id": record.image_id, "bad": bad}
+
+
+def collate_images(samples):
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "image_ids": [s["image_id"] for s in samples],
+        "bad": [s["bad"] for s in samples if s["bad"]],
+    }
+
+
+# ---------------------------------------------------------------- tokens and batches
+
+def caption_token_ids(tokenizer, records, max_tokens, bos_token_id, eos_token_id):
+    """Token ids of every caption as the decoder is trained on them: [bos] words... [eos].
+
+    `bos_token_id` must be the token `generate()` starts from (BLIP: text_config.bos_token_id,
+    the [DEC] token, not the tokenizer's [CLS]) and `eos_token_id` the one it stops at
+    (BLIP: text_config.sep_token_id). Captions longer than `max_tokens` are cut, keeping [eos].
+    """
+    flat = [caption for record in records for caption in record.captions]
+    words = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    sequences = [[bos_token_id, *ids[: max_tokens - 2], eos_token_id] for ids in words]
+    per_record, start = [], 0
+    for record in records:
+        per_record.append(sequences[start: start + len(record.captions)])
+        start += len(record.captions)
+    return per_record
+
+
+class CaptionCollator:
+    """Stack images; pad every caption to the longest in this batch; labels = ids with padding as -100.
+
+    `captions_per_image` lets the model encode each image once and share it across its captions.
+    """
+
+    def __init__(self, pad_token_id):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples):
+        bad = [s["bad"] for s in samples if "bad" in s]
+        good = [s for s in samples if "bad" not in s]
+        if not good:
+            return {"bad": bad, "num_captions": 0}
+        sequences = [ids for s in good for ids in s["captions"]]
+        longest = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return {
+            "pixel_values": torch.stack([s["pixel_values"] for s in good]),
+            "captions_per_image": torch.tensor([len(s["captions"]) for s in good]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+            "num_captions": len(sequences),
+            "bad": bad,
+        }
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of image indices in an order fixed by (seed, epoch) alone, resumable mid-epoch.
+
+    Call `set_epoch(epoch, skip_batches)` before iterating: a resumed run skips the batches it
+    already trained on and then sees exactly what an uninterrupted run would.
+    """
+
+    def __init__(self, num_items, batch_size, seed):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def batches(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        return [order[i: i + self.batch_size] for i in range(0, self.num_items, self.batch_size)]
+
+    def __len__(self):
+        return -(-self.num_items // self.batch_size) - self.skip_batches
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)[self.skip_batches:]
+
+
+def default_num_workers():
+    """DataLoader workers: the slots SGE granted (NSLOTS) minus one for the training process, at most 16."""
+    slots = int(os.environ.get("NSLOTS", 0)) or len(os.sched_getaffinity(0))
+    return max(0, min(16, slots - 1))
+
+
+def make_loader(dataset, num_workers, collate_fn, batch_sampler=None, batch_size=1):
+    """A DataLoader over `dataset`: given batches (`batch_sampler`) or consecutive ones of `batch_size`.
+
+    It gets a generator of its own: each new iterator draws a seed from it, and drawing from the
+    global one would shift the dropout random numbers of a resumed run.
+    """
+    return torch.utils.data.DataLoader(
+        dataset,
+        generator=torch.Generator(),
+        batch_sampler=batch_sampler,
+        batch_size=1 if batch_sampler is not None else batch_size,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

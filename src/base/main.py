@@ -1,0 +1,111 @@
+"""The train / resume / test commands, shared by src.ft and src.peft (which only pass their Method)."""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from . import config as run_config
+from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
+from .data import ImageTransform, load_split, with_captions
+from .engine import METRICS_FILE, caption_records, pick_device, resolve_precision, train
+from .evaluate import format_scores, score_captions
+from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
+from .modeling import load_processor
+
+RUN_FILES = [STATE_DIR, STATE_DIR + ".old", BEST_DIR, BEST_DIR + ".old", METRICS_FILE, "examples", "curves.png",
+             run_config.CONFIG_FILE]
+
+
+def _output_dir(method, args):
+    return Path(args.output_dir or run_config.defaults(method)["output_dir"])
+
+
+def _start(method, args, saved, log_name):
+    config = run_config.resolve(method, args, saved)
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    setup_logging(Path(config.output_dir) / log_name)
+    return config
+
+
+@exit_on_user_error
+def train_main(method, argv=None):
+    parser = run_config.training_parser(f"Train a BLIP captioner ({method.name}) on VizWiz-Captions.")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over even if --output-dir holds a run (deletes its state, metrics and best model)")
+    args = parser.parse_args(argv)
+    output_dir = _output_dir(method, args)
+    saved = run_config.load_saved(output_dir)
+    if saved and saved.get("method") != method.name:
+        run_config.resolve(method, args, saved)  # raises the one-line "holds a <method> run" error
+    if args.fresh:
+        for name in RUN_FILES:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        saved = None
+    resuming = has_training_state(output_dir)
+    config = _start(method, args, saved if resuming else None, "train.log")
+    if resuming:
+        log.info(f"{output_dir} holds a run: resuming it (pass --fresh to start over)")
+    config.save()
+    train(method, config)
+
+
+@exit_on_user_error
+def resume_main(method, argv=None):
+    parser = run_config.training_parser(f"Continue a {method.name} run from its output directory.")
+    args = parser.parse_args(argv)
+    output_dir = _output_dir(method, args)
+    saved = run_config.load_saved(output_dir)
+    if saved is None or not has_training_state(output_dir):
+        raise UserError(f"{output_dir}: no training state to resume (no {run_config.CONFIG_FILE} and {STATE_DIR}/); "
+                        f"start a run with python -m src.{method.name}.train --output-dir {output_dir}")
+    config = _start(method, args, saved, "train.log")
+    config.save()
+    train(method, config)
+
+
+@exit_on_user_error
+def test_main(method, argv=None):
+    parser = argparse.ArgumentParser(description=f"Caption the test (or val) split with a {method.name} run's best model.")
+    parser.add_argument("--output-dir", help="the run directory; captions and scores are written here")
+    parser.add_argument("--checkpoint", help=f"model to caption with (default: <output-dir>/{BEST_DIR})")
+    parser.add_argument("--data-dir", help="VizWiz root (default: the run's, else DATA_DIR)")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="test: write test_captions.json for the challenge; val: caption and score the validation set")
+    parser.add_argument("--batch-size", type=int, dest="eval_batch_size", help="images per generate() call")
+    parser.add_argument("--num-beams", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--min-new-tokens", type=int)
+    parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--precision", help="auto | fp32 | bf16 | fp16")
+    parser.add_argument("--keep-rejected", action="store_true", help="--split val: score against rejected captions too")
+    parser.add_argument("--keep-precanned", action="store_true", help="--split val: score against precanned captions too")
+    args = parser.parse_args(argv)
+    output_dir = _output_dir(method, args)
+    saved = run_config.load_saved(output_dir)
+    config = _start(method, args, saved, "test.log")
+
+    checkpoint = args.checkpoint or str(best_model_dir(output_dir))
+    if not args.checkpoint and not Path(checkpoint).is_dir():
+        raise UserError(f"{checkpoint}: no best model here; train first (python -m src.{method.name}.train) "
+                        f"or pass --checkpoint")
+    device = pick_device()
+    precision = resolve_precision(config.precision, device)
+    processor = load_processor(checkpoint)
+    model = method.load_best(checkpoint).to(device)
+    records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)
+    if args.split == "val":
+        records = with_captions(records)
+    log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
+             f"(beams {config.num_beams}, batch {config.eval_batch_size}, precision {precision})")
+    predictions, bad = caption_records(model, records, ImageTransform(processor.image_processor), processor.tokenizer,
+                                       config, device, precision, f"captioning {args.split}")
+    captions = [{"image_id": r.image_id, "caption": predictions[r.image_id]} for r in records]
+    out_file = output_dir / f"{args.split}_captions.json"
+    write_json_atomic(out_file, captions)
+    log.info(f"wrote {len(captions)} captions to {out_file}" + (f" ({len(bad)} unreadable images got a blank-image caption)" if bad else ""))
+    if args.split == "val":
+        scores, _ = score_captions({r.image_id: r.captions for r in records}, predictions)
+        write_json_atomic(output_dir / "val_scores.json", {"checkpoint": checkpoint, **scores})
+        log.info(f"validation scores: {format_scores(scores)}")
+        print(json.dumps(scores))

@@ -1,0 +1,116 @@
+"""BLIP captioner: loading, the training loss, caption generation, LoRA."""
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import BlipForConditionalGeneration, BlipProcessor
+from transformers.utils import logging as hf_logging
+
+from .helpers import UserError
+
+# transformers warns that BlipImageProcessor falls back to its Pillow backend without torchvision;
+# we only read the processor's settings (data.ImageTransform does the pixels), so that is expected.
+hf_logging.set_verbosity_error()
+
+
+def _load(loader, checkpoint, what, **kwargs):
+    """`loader.from_pretrained(checkpoint)`, with a one-line UserError when `checkpoint` cannot be loaded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return loader.from_pretrained(checkpoint, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        where = "local directory" if Path(checkpoint).exists() else "Hugging Face hub name (or local directory)"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--checkpoint {checkpoint}: cannot load the {what} from this {where}: {reason}")
+
+
+def load_processor(checkpoint):
+    return _load(BlipProcessor, checkpoint, "BLIP processor")
+
+
+def load_captioner(checkpoint):
+    return _load(BlipForConditionalGeneration, checkpoint, "BLIP captioning model")
+
+
+def core_model(model):
+    """The BlipForConditionalGeneration inside `model` (unwraps a PEFT model; LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def parameter_summary(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def caption_loss(model, batch):
+    """Mean cross-entropy over caption tokens, encoding each image once.
+
+    A batch holds several captions per image; the vision encoder (most of BLIP's arithmetic)
+    runs once per image and its output is repeated for that image's captions. The gradient is
+    the same as encoding the image once per caption, because repeat_interleave sums gradients.
+    """
+    blip = core_model(model)
+    image_embeds = blip.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    image_embeds = image_embeds.repeat_interleave(batch["captions_per_image"], dim=0)
+    output = blip.text_decoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        encoder_hidden_states=image_embeds,
+        labels=batch["labels"],
+        reduction="mean",
+    )
+    return output.loss
+
+
+def decoder_token_ids(model):
+    """(start, end, pad) token ids the decoder is trained and generates with.
+
+    BlipForConditionalGeneration.generate() replaces the first input token by
+    text_config.bos_token_id ([DEC]) and stops at text_config.sep_token_id ([SEP]); training
+    must use the same two, not the tokenizer's [CLS].
+    """
+    text_config = core_model(model).config.text_config
+    return text_config.bos_token_id, text_config.sep_token_id, text_config.pad_token_id
+
+
+@torch.no_grad()
+def generate_captions(model, pixel_values, tokenizer, num_beams, max_new_tokens, min_new_tokens):
+    """Captions for a batch of images, one string each."""
+    token_ids = core_model(model).generate(
+        pixel_values=pixel_values,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=False,
+    )
+    return [caption.strip() for caption in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+def add_lora(model, r, alpha, dropout, targets):
+    """Wrap `model` with LoRA adapters on the modules whose names end with `targets` (BLIP: query, value)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=list(targets))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise UserError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0]}")
+
+
+def load_lora(adapter_dir, base_checkpoint=None, trainable=False):
+    """A LoRA adapter saved by save_pretrained, over its base checkpoint (from adapter_config.json unless given)."""
+    from peft import PeftConfig, PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no adapter_config.json here (not a LoRA adapter saved by src.peft)")
+    base = base_checkpoint or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(load_captioner(base), adapter_dir, is_trainable=trainable)
+
+
+logging.getLogger("peft").setLevel(logging.ERROR)

@@ -1,0 +1,6 @@
+"""python -m src.ft.train --help"""
+from src.base.main import train_main
+from src.ft.method import METHOD
+
+if __name__ == "__main__":
+    train_main(METHOD)

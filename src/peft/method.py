@@ -1,0 +1,14 @@
+"""LoRA on BLIP-large: only low-rank adapters on the text decoder's query/value projections train;
+best_model/ is the adapter (a few MB), loaded over the base checkpoint named in its adapter_config.json."""
+from src.base import constants as C
+from src.base.engine import Method
+from src.base.modeling import add_lora, load_captioner, load_lora
+
+
+def build(config):
+    targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
+    return add_lora(load_captioner(config.checkpoint), config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+
+
+METHOD = Method(name="peft", default_checkpoint=C.PEFT_CHECKPOINT, default_lr=C.PEFT_LR,
+                build=build, load_best=load_lora)

@@ -1,0 +1,6 @@
+"""python -m src.peft.resume --help"""
+from src.base.main import resume_main
+from src.peft.method import METHOD
+
+if __name__ == "__main__":
+    resume_main(METHOD)

@@ -1,0 +1,6 @@
+"""python -m src.peft.train --help"""
+from src.base.main import train_main
+from src.peft.method import METHOD
+
+if __name__ == "__main__":
+    train_main(METHOD)

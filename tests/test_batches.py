@@ -1,0 +1,117 @@
+"""Batches: dynamic padding, masked labels, and training that starts and ends where generate() does."""
+import pytest
+import torch
+
+from src.base.data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageRecord, ImageTransform,
+                           caption_token_ids, load_split, with_captions)
+from src.base.modeling import caption_loss, decoder_token_ids, load_captioner, load_processor
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_blip):
+    return load_captioner(tiny_blip), load_processor(tiny_blip)
+
+
+def _batch(tiny, records, max_tokens=40):
+    model, processor = tiny
+    bos, eos, pad = decoder_token_ids(model)
+    tokens = caption_token_ids(processor.tokenizer, records, max_tokens, bos, eos)
+    dataset = CaptionTrainingSet(records, ImageTransform(processor.image_processor), tokens)
+    return CaptionCollator(pad)([dataset[i] for i in range(len(records))]), tokens
+
+
+@pytest.fixture(scope="module")
+def records(demo_data):
+    return with_captions(load_split(demo_data, "train"))[:6]
+
+
+def test_padding_is_to_the_longest_caption_in_the_batch(tiny, records):
+    batch, tokens = _batch(tiny, records)
+    longest = max(len(ids) for per_image in tokens for ids in per_image)
+    assert batch["input_ids"].shape == (sum(len(r.captions) for r in records), longest)
+    assert longest < 30  # never the tokenizer's 512
+
+
+def test_labels_are_masked_exactly_at_padding(tiny, records):
+    batch, _ = _batch(tiny, records)
+    padding = batch["attention_mask"] == 0
+    assert padding.any(), "this batch should have captions of different lengths"
+    assert (batch["labels"][padding] == -100).all()
+    assert torch.equal(batch["labels"][~padding], batch["input_ids"][~padding])
+
+
+def test_captions_start_with_generations_start_token_and_end_with_its_stop_token(tiny, records):
+    model, processor = tiny
+    batch, _ = _batch(tiny, records)
+    text_config = model.config.text_config
+    assert (batch["input_ids"][:, 0] == text_config.bos_token_id).all()
+    assert text_config.bos_token_id != processor.tokenizer.cls_token_id
+    last = batch["attention_mask"].sum(1) - 1
+    assert (batch["input_ids"][torch.arange(len(last)), last] == text_config.sep_token_id).all()
+    # and generate() really starts from that token
+    pixels = batch["pixel_values"][:2]
+    generated = model.generate(pixel_values=pixels, max_new_tokens=2, min_new_tokens=2)
+    assert (generated[:, 0] == text_config.bos_token_id).all()
+
+
+def test_long_captions_are_cut_keeping_the_stop_token(tiny, tmp_path):
+    model, processor = tiny
+    bos, eos, _ = decoder_token_ids(model)
+    record = ImageRecord(1, tmp_path / "x.jpg", ["a red circle " * 20])
+    [[ids]] = caption_token_ids(processor.tokenizer, [record], 8, bos, eos)
+    assert len(ids) == 8 and ids[0] == bos and ids[-1] == eos
+
+
+def test_training_and_generation_agree(tiny, records):
+    """The decoder sees the same inputs in training as in generate(): same start token, same positions.
+
+    Force generate() to emit a training caption token by token; its logits at each step must equal
+    the training forward pass's logits for that caption. Training from another start token than
+    generate() uses (e.g. the tokenizer's [CLS] instead of BLIP's [DEC]) fails this.
+    """
+    model, _ = tiny
+    model.eval()
+    batch, _ = _batch(tiny, records[:1])
+    ids = batch["input_ids"][0][batch["attention_mask"][0] == 1]
+    target = ids[1:].tolist()  # words and the stop token
+    pixels = batch["pixel_values"][:1]
+    generated = model.generate(pixel_values=pixels, num_beams=1, do_sample=False, max_new_tokens=len(target) + 5,
+                               prefix_allowed_tokens_fn=lambda _, prefix: [target[min(len(prefix) - 1, len(target) - 1)]],
+                               output_logits=True, return_dict_in_generate=True)
+    assert generated.sequences[0].tolist() == ids.tolist()  # stops exactly at our stop token
+    with torch.no_grad():
+        image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+        training_logits = model.text_decoder(input_ids=ids[None], encoder_hidden_states=image_embeds).logits[0, :-1]
+    generation_logits = torch.stack(generated.logits, dim=1)[0]
+    assert torch.allclose(training_logits, generation_logits, atol=1e-4)
+
+
+def test_encoding_each_image_once_gives_the_same_loss_and_gradient(tiny, records):
+    model, _ = tiny
+    batch, _ = _batch(tiny, records[:3])
+    shared = caption_loss(model, batch)
+    shared.backward()
+    grads_shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    per_caption = model(pixel_values=batch["pixel_values"].repeat_interleave(batch["captions_per_image"], dim=0),
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    per_caption.backward()
+    assert torch.allclose(shared, per_caption, atol=1e-6)
+    vision_grads = 0
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        assert torch.allclose(grads_shared[name], param.grad, atol=1e-6, rtol=1e-4), name
+        vision_grads += name.startswith("vision_model")
+    assert vision_grads > 0
+    model.zero_grad()
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch_and_resumes_mid_epoch():
+    sampler = EpochBatchSampler(23, 4, seed=5)
+    epoch0 = sampler.batches(0)
+    assert sorted(i for b in epoch0 for i in b) == list(range(23))
+    assert epoch0 != sampler.batches(1)
+    assert EpochBatchSampler(23, 4, seed=5).batches(0) == epoch0
+    sampler.set_epoch(0, skip_batches=2)
+    assert list(sampler) == epoch0[2:] and len(sampler) == len(epoch0) - 2
