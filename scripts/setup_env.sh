@@ -25,10 +25,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
         fi
         echo "installing $spec"
         # shellcheck disable=SC2086
-        python -m pip install -q $PIP_EXTRA "$spec" || return 1
+        python -m pip install -q ${PIP_EXTRA:-} "$spec" || return 1
     fi
     echo "installing requirements.txt"
     # shellcheck disable=SC2086
-    python -m pip install -q $PIP_EXTRA -r "$repo_root/requirements.txt" || return 1
+    python -m pip install -q ${PIP_EXTRA:-} -r "$repo_root/requirements.txt" || return 1
     echo "$wanted" > "$stamp"
 fi

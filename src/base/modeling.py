@@ -12,6 +12,7 @@ from .helpers import UserError
 # transformers warns that BlipImageProcessor falls back to its Pillow backend without torchvision;
 # we only read the processor's settings (data.ImageTransform does the pixels), so that is expected.
 hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in job logs
 
 
 def _load(loader, checkpoint, what, **kwargs):
