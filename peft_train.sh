@@ -4,6 +4,12 @@
 #   bash peft_train.sh [flags]                       (a workstation: the #$ lines are comments)
 # Pass your Hugging Face token from the environment if you need one: qsub -v HF_TOKEN peft_train.sh
 # Resource names (-l gpu=1, -pe smp) differ between clusters: check `qconf -sc` / your site's docs.
+#
+# Preemption and time limits: with -notify, SGE sends SIGUSR1 before suspending and SIGUSR2 before
+# killing the job (SIGTERM/SIGINT work too). The run finishes its step, saves its full state in
+# <output-dir>/state and exits with status 99, which tells SGE to requeue the job; the requeued job
+# resumes by itself. To resubmit by hand, run the same qsub command again (add --fresh to start over).
+# Exit status 3: the loss went NaN/inf several steps in a row (lower --lr); 2: bad input (see the log).
 #$ -N blip_peft
 #$ -cwd
 #$ -j y
@@ -15,4 +21,5 @@
 set -uo pipefail
 # under SGE $0 is a spooled copy of this script: the repository is the directory qsub ran in
 cd "${SGE_O_WORKDIR:-$(dirname "$0")}" && source scripts/job_env.sh || exit 2
-python -m src.peft.train "$@"
+# exec: python replaces the shell, so it receives the SGE signals itself and its exit status is the job's
+exec python -m src.peft.train "$@"

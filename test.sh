@@ -19,4 +19,4 @@ fi
 shift
 # under SGE $0 is a spooled copy of this script: the repository is the directory qsub ran in
 cd "${SGE_O_WORKDIR:-$(dirname "$0")}" && source scripts/job_env.sh || exit 2
-python -m "src.$method.test" "$@"
+exec python -m "src.$method.test" "$@"

@@ -6,7 +6,7 @@ leaves either the previous or the new copy complete, never half of one.
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,11 @@ class Progress:
     captions_seen: int = 0
     images_skipped: int = 0
     elapsed_seconds: float = 0.0  # wall time of the run (training and validation), summed over resumes
+    eval_pending: bool = False    # a validation was due at `step` but a signal cut it short
+    nonfinite_in_a_row: int = 0   # skipped updates (NaN/inf loss or gradient)
+    nonfinite_total: int = 0
+    bad_images: list = field(default_factory=list)  # unreadable training images, one message each
+    bad_images_reported: int = 0  # how many of them metrics.jsonl already lists
 
 
 def trainable_state(model):
@@ -39,18 +44,27 @@ def trainable_state(model):
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_training_state(output_dir, model, optimizer, scheduler, scaler, progress):
+def save_training_state(output_dir, model, optimizer, scheduler, scaler, progress, config):
+    """Write `state/`: trained weights, optimizer, scheduler, scaler, RNG, progress and the run's config.
+
+    Raises OSError (disk full, no permission) with the previous `state/` untouched.
+    """
     output_dir = Path(output_dir)
     tmp = output_dir / (STATE_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()},
-               tmp / "optimizer.pt")
-    write_json_atomic(tmp / "progress.json", dataclasses.asdict(progress))
-    fsync_dir(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()},
+                   tmp / "optimizer.pt")
+        write_json_atomic(tmp / "progress.json", dataclasses.asdict(progress))
+        write_json_atomic(tmp / "config.json", dataclasses.asdict(config))
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir_atomic(tmp, output_dir / STATE_DIR)
 
 
@@ -86,12 +100,27 @@ def save_best_model(output_dir, model, processor):
     """Write `best_model/` (full model, or the LoRA adapter) with its processor, atomically."""
     output_dir = Path(output_dir)
     tmp = output_dir / (BEST_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    fsync_dir(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir_atomic(tmp, output_dir / BEST_DIR)
+
+
+RUN_FILES = [STATE_DIR, STATE_DIR + ".old", STATE_DIR + ".tmp", BEST_DIR, BEST_DIR + ".old", BEST_DIR + ".tmp",
+             "metrics.jsonl", "examples", "curves.png"]
+
+
+def clear_run(output_dir):
+    """Delete a previous run's state and results from `output_dir` (train --fresh)."""
+    for name in RUN_FILES:
+        path = Path(output_dir) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def best_model_dir(output_dir):

@@ -29,6 +29,7 @@ class RunConfig:
     seed: int
     eval_every: int
     save_every: int
+    save_every_minutes: float
     eval_batch_size: int
     num_beams: int
     max_new_tokens: int
@@ -43,6 +44,7 @@ class RunConfig:
     lora_alpha: int
     lora_dropout: float
     lora_targets: str
+    strict: bool
     objective: str = "xe"
 
     def save(self):
@@ -56,11 +58,11 @@ def defaults(method):
         checkpoint=method.default_checkpoint, epochs=C.EPOCHS, max_steps=C.MAX_STEPS, batch_size=C.BATCH_SIZE,
         lr=method.default_lr, weight_decay=C.WEIGHT_DECAY, warmup_ratio=C.WARMUP_RATIO, lr_schedule=C.LR_SCHEDULE,
         max_grad_norm=C.MAX_GRAD_NORM, precision=C.PRECISION, seed=C.SEED, eval_every=C.EVAL_EVERY,
-        save_every=C.SAVE_EVERY, eval_batch_size=C.EVAL_BATCH_SIZE, num_beams=C.NUM_BEAMS,
+        save_every=C.SAVE_EVERY, save_every_minutes=C.SAVE_EVERY_MINUTES, eval_batch_size=C.EVAL_BATCH_SIZE, num_beams=C.NUM_BEAMS,
         max_new_tokens=C.MAX_NEW_TOKENS, min_new_tokens=C.MIN_NEW_TOKENS, max_caption_tokens=C.MAX_CAPTION_TOKENS,
         num_workers=C.NUM_WORKERS, drop_rejected=C.DROP_REJECTED, drop_precanned=C.DROP_PRECANNED,
         val_max_images=C.VAL_MAX_IMAGES, val_meteor=C.VAL_METEOR, lora_r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT,
-        lora_targets=C.LORA_TARGETS, objective="xe",
+        lora_targets=C.LORA_TARGETS, strict=C.STRICT, objective="xe",
     )
 
 
@@ -107,13 +109,22 @@ def _check(config):
         raise UserError("give --epochs or --max-steps greater than 0")
     if config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr}")
+    if config.save_every_minutes <= 0:
+        raise UserError(f"--save-every-minutes must be positive, got {config.save_every_minutes}")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {config.precision!r}")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit status 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def training_parser(description):
     """Flags shared by train and resume (all default to None: 'not given', so saved values survive a resume)."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--data-dir", help="VizWiz root: annotations/{train,val,test}.json and train/ val/ test/ images")
     p.add_argument("--output-dir", help="where the run writes best_model/, metrics.jsonl, state/, logs")
     p.add_argument("--checkpoint", help="starting model: hub name or local directory")
@@ -130,6 +141,9 @@ def training_parser(description):
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="steps between validations (0 = only at epoch ends)")
     p.add_argument("--save-every", type=int, help="steps between training-state saves (0 = only at validations)")
+    p.add_argument("--save-every-minutes", type=float, help="and at least this often in wall time")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction,
+                   help="stop at an unreadable image instead of skipping it")
     p.add_argument("--eval-batch-size", type=int, help="images per generate() call")
     p.add_argument("--num-beams", type=int, help="beam size for validation captions")
     p.add_argument("--max-new-tokens", type=int, help="longest generated caption, in tokens")

@@ -71,6 +71,9 @@ LORA_TARGETS = _env("LORA_TARGETS", "query,value")
 # ---- evaluation and checkpoints ----------------------------------------------
 EVAL_EVERY = _env("EVAL_EVERY", 1000)            # steps; 0 = only at each epoch end
 SAVE_EVERY = _env("SAVE_EVERY", 500)             # steps between full training-state saves; 0 = only at evals
+SAVE_EVERY_MINUTES = _env("SAVE_EVERY_MINUTES", 15.0)  # ... and at least this often in wall time
+MAX_NONFINITE_IN_A_ROW = _env("MAX_NONFINITE_IN_A_ROW", 5)  # NaN/inf losses tolerated in a row before stopping
+STRICT = _env("STRICT", False)                   # stop on an unreadable image instead of skipping it
 EVAL_BATCH_SIZE = _env("EVAL_BATCH_SIZE", 64)
 NUM_BEAMS = _env("NUM_BEAMS", 3)
 MAX_NEW_TOKENS = _env("MAX_NEW_TOKENS", 30)

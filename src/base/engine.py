@@ -1,10 +1,12 @@
 """The training loop and the captioning pass, shared by full fine-tuning and LoRA.
 
-Read `train` top to bottom: build data, model and optimizer; restore the saved state if the
-output directory holds one; then step, evaluate on schedule, keep the best model.
+Read `Trainer` top to bottom: __init__ builds data, model and optimizer (and writes nothing);
+`run` restores the saved state if the output directory holds one, then steps, validates on
+schedule, keeps the best model, and saves the full state often enough that a kill loses little.
 """
 import json
 import math
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -16,8 +18,9 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler
 
+from . import constants as C
 from . import report
-from .checkpoint import (Progress, has_training_state, load_training_state, save_best_model,
+from .checkpoint import (Progress, clear_run, has_training_state, load_training_state, save_best_model,
                          save_training_state)
 from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageSet, ImageTransform,
                    caption_token_ids, collate_images, default_num_workers, load_split, make_loader,
@@ -27,6 +30,8 @@ from .helpers import UserError, log, seed_everything
 from .modeling import caption_loss, decoder_token_ids, generate_captions, load_processor, parameter_summary
 
 METRICS_FILE = "metrics.jsonl"
+EXIT_STOPPED = 99     # stopped by a signal after saving its state; SGE requeues a job that exits with 99
+EXIT_NONFINITE = 3    # too many non-finite losses in a row; the last good state is kept
 
 
 @dataclass
@@ -46,7 +51,7 @@ def pick_device():
 
 
 def resolve_precision(precision, device):
-    """auto = bf16 on GPUs that support it, fp32 otherwise (CPU autocast is slower than fp32 here)."""
+    """auto = bf16 on GPUs that support it (fp16 on older ones), fp32 on the CPU."""
     if device.type != "cuda":
         return "fp32"
     if precision == "auto":
@@ -64,48 +69,69 @@ def num_workers(config):
     return default_num_workers() if config.num_workers < 0 else config.num_workers
 
 
-# ---------------------------------------------------------------- captioning (validation and test)
-
-def caption_records(model, records, transform, tokenizer, config, device, precision, desc):
-    """Generate one caption per record, batched. Returns ({image_id: caption}, [bad image messages])."""
-    loader = make_loader(ImageSet(records, transform), num_workers(config), collate_images,
-                         batch_size=config.eval_batch_size)
-    model.eval()
-    predictions, bad = {}, []
-    for batch in tqdm(loader, desc=desc, leave=False, mininterval=_tqdm_interval()):
-        for message in batch["bad"]:
-            log.warning(f"bad image, captioned as a blank image: {message}")
-        bad.extend(batch["bad"])
-        with autocast(precision, device):
-            captions = generate_captions(model, batch["pixel_values"].to(device), tokenizer, config.num_beams,
-                                         config.max_new_tokens, config.min_new_tokens)
-        predictions.update(zip(batch["image_ids"], captions))
-    return predictions, bad
-
-
-def validate(model, records, transform, tokenizer, config, device, precision):
-    """Caption `records`, score them against their references. Returns (scores, per-image scores, predictions)."""
-    predictions, _ = caption_records(model, records, transform, tokenizer, config, device, precision, "validating")
-    references = {r.image_id: r.captions for r in records}
-    scores, per_image = score_captions(references, predictions, meteor=config.val_meteor)
-    return scores, per_image, predictions
-
-
-# ---------------------------------------------------------------- training
-
 def _tqdm_interval():
     """Redraw often on a terminal, rarely in a batch-job log file."""
     return 0.5 if sys.stderr.isatty() else 60
 
 
-def _optimizer(model, config):
-    """AdamW; no weight decay on biases and normalisation weights (1-D tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
+# ---------------------------------------------------------------- signals
 
+class Interrupted(Exception):
+    """A stop signal arrived during validation."""
+
+
+class StopSignals:
+    """Turn SIGUSR1/SIGUSR2 (SGE -notify: suspend/kill coming), SIGTERM and SIGINT into a flag.
+
+    The loop checks the flag after each step and between validation batches, saves the state
+    and exits with EXIT_STOPPED. A second Ctrl-C stops at once.
+    """
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+
+# ---------------------------------------------------------------- captioning (validation and test)
+
+def caption_records(model, records, transform, tokenizer, config, device, precision, desc, stop=None):
+    """Generate one caption per record, batched. Returns ({image_id: caption}, [bad image messages]).
+
+    A bad image is captioned as a blank one (so a submission covers every id), unless --strict.
+    """
+    loader = make_loader(ImageSet(records, transform), num_workers(config), collate_images,
+                         batch_size=config.eval_batch_size)
+    model.eval()
+    predictions, bad = {}, []
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=_tqdm_interval()):
+        if stop is not None and stop.received:
+            raise Interrupted
+        for message in batch["bad"]:
+            if config.strict:
+                raise UserError(f"{message} (--strict)")
+            log.warning(f"bad image, captioned as a blank image: {message}")
+        bad.extend(batch["bad"])
+        with autocast(precision, device):
+            captions = generate_captions(model, batch["pixel_values"].to(device, non_blocking=True), tokenizer,
+                                         config.num_beams, config.max_new_tokens, config.min_new_tokens)
+        predictions.update(zip(batch["image_ids"], captions))
+    return predictions, bad
+
+
+# ---------------------------------------------------------------- training
 
 def _load_records(config, split):
     records = with_captions(load_split(config.data_dir, split, config.drop_rejected, config.drop_precanned))
@@ -114,135 +140,230 @@ def _load_records(config, split):
     return records
 
 
-def train(method, config):
-    output_dir = Path(config.output_dir)
-    device = pick_device()
-    precision = resolve_precision(config.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed_everything(config.seed)
+def _optimizer(model, config):
+    """AdamW; no weight decay on biases and normalisation weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
 
-    # ---- data
-    train_records = _load_records(config, "train")
-    val_records = _load_records(config, "val")
-    if config.val_max_images > 0:
-        val_records = val_records[: config.val_max_images]
-    processor = load_processor(config.checkpoint)
-    model = method.build(config).to(device)
-    bos, eos, pad = decoder_token_ids(model)
-    transform = ImageTransform(processor.image_processor)
-    tokens = caption_token_ids(processor.tokenizer, train_records, config.max_caption_tokens, bos, eos)
-    train_set = CaptionTrainingSet(train_records, transform, tokens)
-    sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed)
-    loader = make_loader(train_set, num_workers(config), CaptionCollator(pad), batch_sampler=sampler)
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
 
-    # ---- optimisation
-    optimizer = _optimizer(model, config)
-    scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+class Trainer:
+    def __init__(self, method, config, fresh=False):
+        self.config, self.fresh = config, fresh
+        self.output_dir = Path(config.output_dir)
+        self.device = pick_device()
+        self.precision = resolve_precision(config.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed_everything(config.seed)
 
-    progress = Progress()
-    if has_training_state(output_dir):
-        progress = load_training_state(output_dir, model, optimizer, scheduler, scaler)
-        _truncate_metrics(output_dir, progress.step)
-        log.info(f"resumed from {output_dir / 'state'} at step {progress.step} "
-                 f"(epoch {progress.epoch}, batch {progress.batch_in_epoch}, best CIDEr {progress.best_cider:.4f})")
-    log.info(parameter_summary(model))
-    log.info(f"{len(train_records)} training images ({sum(len(r.captions) for r in train_records)} captions), "
-             f"{len(val_records)} validation images; {steps_per_epoch} steps per epoch, {total_steps} steps in all; "
-             f"device {device}, precision {precision}")
+        # data: every kept caption of every training image, each epoch
+        self.train_records = _load_records(config, "train")
+        self.val_records = _load_records(config, "val")
+        if config.val_max_images > 0:
+            self.val_records = self.val_records[: config.val_max_images]
+        self.processor = load_processor(config.checkpoint)
+        self.model = method.build(config).to(self.device)
+        bos, eos, pad = decoder_token_ids(self.model)
+        self.transform = ImageTransform(self.processor.image_processor)
+        tokens = caption_token_ids(self.processor.tokenizer, self.train_records, config.max_caption_tokens, bos, eos)
+        train_set = CaptionTrainingSet(self.train_records, self.transform, tokens)
+        self.sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed)
+        self.loader = make_loader(train_set, num_workers(config), CaptionCollator(pad), batch_sampler=self.sampler)
+        self.steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+        self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.steps_per_epoch
 
-    if progress.step >= total_steps:
-        log.info(f"nothing to do: the run already reached step {progress.step} of {total_steps}")
-        return progress
+        # optimisation
+        self.optimizer = _optimizer(self.model, config)
+        self.scheduler = get_scheduler(config.lr_schedule, self.optimizer,
+                                       num_warmup_steps=int(config.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.progress = Progress()
+        self.stop = None
 
-    def tick():
-        """Add the wall time since the last tick to the run's total (training and validation)."""
-        nonlocal clock
-        progress.elapsed_seconds, clock = progress.elapsed_seconds + time.time() - clock, time.time()
+    # ---- the run
 
-    def evaluate_and_keep_best():
-        scores, per_image, predictions = validate(model, val_records, transform, processor.tokenizer, config,
-                                                  device, precision)
-        tick()
-        is_best = scores["CIDEr"] > progress.best_cider
-        if is_best:
-            progress.best_cider, progress.best_step = scores["CIDEr"], progress.step
-            save_best_model(output_dir, model, processor)
-            report.save_examples(output_dir / "examples", val_records, predictions, per_image)
-        line = {"step": progress.step, "epoch": round(progress.epoch + progress.batch_in_epoch / steps_per_epoch, 4),
-                "train_loss": progress.loss_sum / max(progress.loss_count, 1), "lr": scheduler.get_last_lr()[0],
-                **scores, "best_CIDEr": progress.best_cider, "is_best": is_best,
-                "captions_seen": progress.captions_seen, "images_skipped": progress.images_skipped,
-                "elapsed_seconds": round(progress.elapsed_seconds, 1)}
-        with open(output_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(line) + "\n")
-        report.plot_curves(output_dir / METRICS_FILE, output_dir / "curves.png")
-        log.info(f"step {progress.step}: {format_scores(scores)}" + ("  (new best, saved best_model/)" if is_best else ""))
-        progress.loss_sum, progress.loss_count, progress.last_eval_step = 0.0, 0, progress.step
+    def run(self):
+        """Train to the end (exit status 0), or until a signal (EXIT_STOPPED) or a non-finite streak (EXIT_NONFINITE)."""
+        p = self.progress
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.fresh:
+            clear_run(self.output_dir)
+        self.config.save()
+        if has_training_state(self.output_dir):
+            self.progress = p = load_training_state(self.output_dir, self.model, self.optimizer, self.scheduler,
+                                                    self.scaler)
+            _truncate_metrics(self.output_dir, p.step)
+            log.info(f"resumed from {self.output_dir / 'state'} at step {p.step} (epoch {p.epoch}, "
+                     f"batch {p.batch_in_epoch}, best CIDEr {p.best_cider:.4f})")
+        log.info(parameter_summary(self.model))
+        log.info(f"{len(self.train_records)} training images "
+                 f"({sum(len(r.captions) for r in self.train_records)} captions), {len(self.val_records)} validation "
+                 f"images; {self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all; "
+                 f"device {self.device}, precision {self.precision}")
+        if self._finished() and not p.eval_pending:
+            log.info(f"nothing to do: the run already reached step {p.step} of {self.total_steps}")
+            return 0
 
-    bar = tqdm(total=total_steps, initial=progress.step, desc="training", dynamic_ncols=True,
-               mininterval=_tqdm_interval())
-    clock = time.time()
-    while progress.step < total_steps:
-        sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-        for batch in loader:
-            for message in batch["bad"]:
+        self.clock = self.last_save = time.time()
+        with StopSignals() as self.stop, tqdm(total=self.total_steps, initial=p.step, desc="training",
+                                              dynamic_ncols=True, mininterval=_tqdm_interval()) as self.bar:
+            status = self._validate() if p.eval_pending else None  # a validation a signal cut short
+            while status is None and not self._finished():
+                self.sampler.set_epoch(p.epoch, p.batch_in_epoch)
+                for batch in self.loader:
+                    status = self._consume(batch)
+                    if status is not None or self._finished():
+                        break
+        if status is not None:
+            return status
+        log.info(f"done: best validation CIDEr {p.best_cider:.4f} at step {p.best_step}; "
+                 f"model in {self.output_dir / 'best_model'}")
+        return 0
+
+    def _finished(self):
+        p = self.progress
+        return p.step >= self.total_steps or (self.config.max_steps <= 0 and p.epoch >= self.config.epochs)
+
+    def _consume(self, batch):
+        """One batch: a training step, then validation or a state save when due. Returns an exit status to stop."""
+        p = self.progress
+        self._note_bad_images(batch["bad"])
+        if batch["num_captions"] > 0:
+            if not self._step(batch) and p.nonfinite_in_a_row >= C.MAX_NONFINITE_IN_A_ROW:
+                log.error(f"stopping: {p.nonfinite_in_a_row} non-finite losses in a row (lower --lr, or try "
+                          f"--precision fp32); the last good state is in {self.output_dir / 'state'}")
+                return EXIT_NONFINITE
+        p.batch_in_epoch += 1
+        epoch_ended = p.batch_in_epoch == self.steps_per_epoch
+        if epoch_ended:
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+
+        eval_due = self.config.eval_every > 0 and p.step % self.config.eval_every == 0
+        if p.step != p.last_eval_step and (eval_due or epoch_ended or self._finished()):
+            p.eval_pending = True
+            return self._validate()
+        save_due = self.config.save_every > 0 and p.step % self.config.save_every == 0
+        if save_due or time.time() - self.last_save > 60 * self.config.save_every_minutes or self.stop.received:
+            self._save_state()
+        return self._stop_if_signalled()
+
+    def _step(self, batch):
+        """Forward, backward, optimizer step. Returns False (and changes nothing) when the loss or gradient is not finite."""
+        p, model = self.progress, self.model
+        model.train()
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast(self.precision, self.device):
+            loss = caption_loss(model, batch)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm or float("inf"))
+        finite = bool(torch.isfinite(loss)) and (self.scaler is not None or bool(torch.isfinite(grad_norm)))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()
+            p.nonfinite_in_a_row += 1
+            p.nonfinite_total += 1
+            log.warning(f"non-finite loss or gradient after step {p.step}: update skipped "
+                        f"({p.nonfinite_in_a_row} in a row, {p.nonfinite_total} in all)")
+            return False
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.step += 1
+        p.nonfinite_in_a_row = 0
+        p.loss_sum += loss.item()
+        p.loss_count += 1
+        p.captions_seen += batch["num_captions"]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{p.loss_sum / p.loss_count:.4f}")
+        return True
+
+    def _note_bad_images(self, messages):
+        for message in messages:
+            if self.config.strict:
+                raise UserError(f"{message} (--strict)")
+            if message not in self.progress.bad_images:
+                self.progress.bad_images.append(message)
                 log.warning(f"bad image skipped: {message}")
-            progress.images_skipped += len(batch["bad"])
-            if batch["num_captions"] > 0:
-                loss = _train_step(model, batch, optimizer, scheduler, scaler, config, device, precision)
-                progress.step += 1
-                progress.loss_sum += loss
-                progress.loss_count += 1
-                progress.captions_seen += batch["num_captions"]
-                bar.update(1)
-                bar.set_postfix(loss=f"{progress.loss_sum / progress.loss_count:.4f}")
-            progress.batch_in_epoch += 1
-            epoch_ended = progress.batch_in_epoch == steps_per_epoch
-            if epoch_ended:
-                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
 
-            finished = progress.step >= total_steps
-            eval_due = config.eval_every > 0 and progress.step % config.eval_every == 0
-            if progress.step != progress.last_eval_step and (eval_due or epoch_ended or finished):
-                evaluate_and_keep_best()
-                save_training_state(output_dir, model, optimizer, scheduler, scaler, progress)
-            elif config.save_every > 0 and progress.step % config.save_every == 0:
-                tick()
-                save_training_state(output_dir, model, optimizer, scheduler, scaler, progress)
-            if finished:
-                break
-    bar.close()
-    log.info(f"done: best validation CIDEr {progress.best_cider:.4f} at step {progress.best_step}; "
-             f"model in {output_dir / 'best_model'}")
-    return progress
+    # ---- validation, best model, state
 
+    def _validate(self):
+        """Caption and score the validation set; keep best_model/; append to metrics.jsonl; save the state."""
+        p, config = self.progress, self.config
+        try:
+            predictions, _ = caption_records(self.model, self.val_records, self.transform, self.processor.tokenizer,
+                                             config, self.device, self.precision, "validating", self.stop)
+        except Interrupted:
+            self._save_state()
+            return self._stop_if_signalled()
+        references = {r.image_id: r.captions for r in self.val_records}
+        scores, per_image = score_captions(references, predictions, meteor=config.val_meteor)
+        self._tick()
+        is_best = scores["CIDEr"] > p.best_cider and self._save_best(predictions, per_image)
+        if is_best:
+            p.best_cider, p.best_step = scores["CIDEr"], p.step
+        line = {"step": p.step, "epoch": round(p.epoch + p.batch_in_epoch / self.steps_per_epoch, 4),
+                "train_loss": p.loss_sum / max(p.loss_count, 1), "lr": self.scheduler.get_last_lr()[0],
+                **scores, "best_CIDEr": p.best_cider, "is_best": is_best, "captions_seen": p.captions_seen,
+                "images_skipped": len(p.bad_images), "bad_images_new": p.bad_images[p.bad_images_reported:],
+                "nonfinite_steps": p.nonfinite_total, "elapsed_seconds": round(p.elapsed_seconds, 1)}
+        with open(self.output_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        report.plot_curves(self.output_dir / METRICS_FILE, self.output_dir / "curves.png")
+        log.info(f"step {p.step}: {format_scores(scores)}" + ("  (new best, saved best_model/)" if is_best else ""))
+        p.loss_sum, p.loss_count, p.last_eval_step, p.eval_pending = 0.0, 0, p.step, False
+        p.bad_images_reported = len(p.bad_images)
+        self._save_state()
+        return self._stop_if_signalled()
 
-def _train_step(model, batch, optimizer, scheduler, scaler, config, device, precision):
-    model.train()
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    with autocast(precision, device):
-        loss = caption_loss(model, batch)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    def _save_best(self, predictions, per_image):
+        try:
+            save_best_model(self.output_dir, self.model, self.processor)
+        except OSError as error:
+            log.error(f"could not save {self.output_dir / 'best_model'} ({error}); the previous best model is kept "
+                      f"and the next validation tries again")
+            return False
+        report.save_examples(self.output_dir / "examples", self.val_records, predictions, per_image)
+        return True
+
+    def _save_state(self):
+        self._tick()
+        try:
+            save_training_state(self.output_dir, self.model, self.optimizer, self.scheduler, self.scaler,
+                                self.progress, self.config)
+            self.last_save = time.time()
+        except OSError as error:
+            log.error(f"could not save the training state to {self.output_dir / 'state'} ({error}); "
+                      f"the previous state is kept")
+
+    def _stop_if_signalled(self):
+        if not self.stop.received:
+            return None
+        log.info(f"received {self.stop.received}: state saved at step {self.progress.step} in "
+                 f"{self.output_dir / 'state'}; exiting with status {EXIT_STOPPED}. Resubmit the same command "
+                 f"(or run src.<method>.resume) to continue.")
+        return EXIT_STOPPED
+
+    def _tick(self):
+        """Add the wall time since the last tick to the run's total (training and validation)."""
+        now = time.time()
+        self.progress.elapsed_seconds += now - self.clock
+        self.clock = now
 
 
 def _truncate_metrics(output_dir, step):
@@ -252,4 +373,3 @@ def _truncate_metrics(output_dir, step):
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in lines))
-

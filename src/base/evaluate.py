@@ -7,7 +7,6 @@ evaluation default); images left with no reference are not scored. Captions are 
 the Stanford PTB tokenizer (Java), then scored with BLEU-1..4, METEOR, ROUGE-L and CIDEr (the
 coco-caption CIDEr is CIDEr-D: clipped n-gram counts and a length penalty).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from . import constants as C
+from .config import ArgumentParser
 from .data import load_annotations, with_captions
 from .helpers import UserError, exit_on_user_error
 
@@ -96,7 +96,7 @@ def format_scores(scores):
 
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score a predictions file with pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr-D).")
+    parser = ArgumentParser(description="Score a predictions file with pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr-D).")
     parser.add_argument("--annotations", required=True, help="VizWiz-format annotation file with reference captions")
     parser.add_argument("--predictions", required=True, help='JSON list of {"image_id": int, "caption": str}')
     parser.add_argument("--json", action="store_true", help="print one JSON object keyed by the coco-caption metric names")

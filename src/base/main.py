@@ -1,29 +1,31 @@
 """The train / resume / test commands, shared by src.ft and src.peft (which only pass their Method)."""
-import argparse
 import json
-import shutil
 from pathlib import Path
 
 from . import config as run_config
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
-from .engine import METRICS_FILE, caption_records, pick_device, resolve_precision, train
+from .engine import Trainer, caption_records, pick_device, resolve_precision
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
 from .modeling import load_processor
-
-RUN_FILES = [STATE_DIR, STATE_DIR + ".old", BEST_DIR, BEST_DIR + ".old", METRICS_FILE, "examples", "curves.png",
-             run_config.CONFIG_FILE]
-
 
 def _output_dir(method, args):
     return Path(args.output_dir or run_config.defaults(method)["output_dir"])
 
 
 def _start(method, args, saved, log_name):
+    """Resolve the configuration, check the output directory is writable, log to it."""
     config = run_config.resolve(method, args, saved)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    setup_logging(Path(config.output_dir) / log_name)
+    output_dir = Path(config.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error})")
+    setup_logging(output_dir / log_name)
     return config
 
 
@@ -37,17 +39,11 @@ def train_main(method, argv=None):
     saved = run_config.load_saved(output_dir)
     if saved and saved.get("method") != method.name:
         run_config.resolve(method, args, saved)  # raises the one-line "holds a <method> run" error
-    if args.fresh:
-        for name in RUN_FILES:
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        saved = None
-    resuming = has_training_state(output_dir)
+    resuming = has_training_state(output_dir) and not args.fresh
     config = _start(method, args, saved if resuming else None, "train.log")
     if resuming:
         log.info(f"{output_dir} holds a run: resuming it (pass --fresh to start over)")
-    config.save()
-    train(method, config)
+    return Trainer(method, config, fresh=args.fresh).run()
 
 
 @exit_on_user_error
@@ -60,13 +56,12 @@ def resume_main(method, argv=None):
         raise UserError(f"{output_dir}: no training state to resume (no {run_config.CONFIG_FILE} and {STATE_DIR}/); "
                         f"start a run with python -m src.{method.name}.train --output-dir {output_dir}")
     config = _start(method, args, saved, "train.log")
-    config.save()
-    train(method, config)
+    return Trainer(method, config).run()
 
 
 @exit_on_user_error
 def test_main(method, argv=None):
-    parser = argparse.ArgumentParser(description=f"Caption the test (or val) split with a {method.name} run's best model.")
+    parser = run_config.ArgumentParser(description=f"Caption the test (or val) split with a {method.name} run's best model.")
     parser.add_argument("--output-dir", help="the run directory; captions and scores are written here")
     parser.add_argument("--checkpoint", help=f"model to caption with (default: <output-dir>/{BEST_DIR})")
     parser.add_argument("--data-dir", help="VizWiz root (default: the run's, else DATA_DIR)")
@@ -78,6 +73,8 @@ def test_main(method, argv=None):
     parser.add_argument("--min-new-tokens", type=int)
     parser.add_argument("--num-workers", type=int)
     parser.add_argument("--precision", help="auto | fp32 | bf16 | fp16")
+    parser.add_argument("--strict", action="store_true", default=None,
+                        help="stop at an unreadable image instead of captioning it as a blank one")
     parser.add_argument("--keep-rejected", action="store_true", help="--split val: score against rejected captions too")
     parser.add_argument("--keep-precanned", action="store_true", help="--split val: score against precanned captions too")
     args = parser.parse_args(argv)
@@ -109,3 +106,4 @@ def test_main(method, argv=None):
         write_json_atomic(output_dir / "val_scores.json", {"checkpoint": checkpoint, **scores})
         log.info(f"validation scores: {format_scores(scores)}")
         print(json.dumps(scores))
+    return 0

@@ -3,4 +3,4 @@ from src.base.main import resume_main
 from src.ft.method import METHOD
 
 if __name__ == "__main__":
-    resume_main(METHOD)
+    raise SystemExit(resume_main(METHOD))

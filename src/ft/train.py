@@ -3,4 +3,4 @@ from src.base.main import train_main
 from src.ft.method import METHOD
 
 if __name__ == "__main__":
-    train_main(METHOD)
+    raise SystemExit(train_main(METHOD))

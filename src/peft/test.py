@@ -3,4 +3,4 @@ from src.base.main import test_main
 from src.peft.method import METHOD
 
 if __name__ == "__main__":
-    test_main(METHOD)
+    raise SystemExit(test_main(METHOD))

@@ -1,0 +1,401 @@
+"""Runs that survive the cluster: kills, signals, bad images, bad input, failed saves, NaN losses, secrets."""
+import hashlib
+import os
+import json
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import src.base.checkpoint as checkpoint
+import src.base.engine as engine
+from conftest import FAST, REPO, SAMPLE, read_metrics, run_module
+from scripts.make_demo_assets import make_dataset
+from src.base.config import resolve, training_parser
+from src.base.engine import EXIT_NONFINITE, EXIT_STOPPED, Trainer
+from src.base.helpers import setup_logging
+from src.base.main import resume_main, train_main
+from src.ft.method import METHOD as FT
+from src.peft.method import METHOD as PEFT
+
+METHODS = {"ft": FT, "peft": PEFT}
+RUN = [*FAST, "--lr", "1e-3", "--max-steps", "60", "--eval-every", "20", "--save-every", "5"]
+
+
+def _argv(data, checkpoint_dir, out, *extra):
+    return ["--data-dir", str(data), "--checkpoint", str(checkpoint_dir), "--output-dir", str(out), *RUN, *extra]
+
+
+def _config(method, *argv):
+    return resolve(METHODS[method], training_parser("test").parse_args(list(map(str, argv))))
+
+
+def _weights(run_dir):
+    return load_file(Path(run_dir) / "state" / "trainable.safetensors")
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _comparable_metrics(run_dir):
+    return [{k: v for k, v in row.items() if k != "elapsed_seconds"} for row in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_blip, demo_data):
+    """Uninterrupted reference runs, one per method."""
+    runs = {}
+    for method in METHODS:
+        runs[method] = tmp_path_factory.mktemp("straight") / method
+        run_module(f"src.{method}.train", *_argv(demo_data, tiny_blip, runs[method]))
+    return runs
+
+
+def _start(method, data, checkpoint_dir, out):
+    return subprocess.Popen([sys.executable, "-m", f"src.{method}.train", *_argv(data, checkpoint_dir, out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_state_step(out, at_least, process):
+    progress = Path(out) / "state" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if json.loads(progress.read_text())["step"] >= at_least:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"the run never saved a state at step >= {at_least}")
+
+
+@pytest.mark.parametrize("method", ["ft", "peft"])
+def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, method, straight, tiny_blip, demo_data):
+    kill_after = random.Random().randint(5, 45)
+    print(f"killing after the state of step >= {kill_after}")
+    out = tmp_path / "run"
+    process = _start(method, demo_data, tiny_blip, out)
+    _wait_for_state_step(out, kill_after, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads((out / "state" / "progress.json").read_text())["step"]
+    assert killed_at < 60
+    result = run_module(f"src.{method}.resume", "--output-dir", out)
+    assert f"at step {killed_at}" in result.stdout
+    assert _same_weights(straight[method], out)
+    assert _comparable_metrics(straight[method]) == _comparable_metrics(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])  # SIGUSR2 and SIGINT share the handler
+def test_signal_saves_state_exits_99_and_resume_continues(tmp_path, sig, straight, tiny_blip, demo_data):
+    out = tmp_path / "run"
+    process = _start("peft", demo_data, tiny_blip, out)
+    _wait_for_state_step(out, 10, process)
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED == 99, output[-2000:]
+    stopped_at = json.loads((out / "state" / "progress.json").read_text())["step"]
+    assert f"received {sig.name}: state saved at step {stopped_at}" in (out / "train.log").read_text()
+    assert 10 <= stopped_at < 60
+    # a resubmitted job (same train command) picks the run up by itself
+    result = run_module("src.peft.train", *_argv(demo_data, tiny_blip, out))
+    assert f"resumed from {out / 'state'} at step {stopped_at}" in result.stdout
+    assert _same_weights(straight["peft"], out)
+    assert _comparable_metrics(straight["peft"]) == _comparable_metrics(out)
+
+
+def test_signal_during_validation_reruns_that_validation_on_resume(tmp_path, monkeypatch, straight, tiny_blip,
+                                                                   demo_data):
+    out = tmp_path / "run"
+    config = _config("peft", *_argv(demo_data, tiny_blip, out))
+    original = engine.caption_records
+
+    def signalled_at_step_40(model, records, *args, **kwargs):
+        if trainer.progress.step == 40:
+            trainer.stop.received = "SIGUSR2"  # as if SGE announced the kill while validating
+        return original(model, records, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "caption_records", signalled_at_step_40)
+    setup_logging(None)
+    trainer = Trainer(PEFT, config)
+    assert trainer.run() == EXIT_STOPPED
+    state = json.loads((out / "state" / "progress.json").read_text())
+    assert state["step"] == 40 and state["eval_pending"]
+    assert [m["step"] for m in read_metrics(out)][-1] < 40
+
+    monkeypatch.setattr(engine, "caption_records", original)
+    assert Trainer(PEFT, config).run() == 0
+    assert _same_weights(straight["peft"], out)
+    assert _comparable_metrics(straight["peft"]) == _comparable_metrics(out)
+
+
+# ---------------------------------------------------------------- bad images
+
+BROKEN_TRAIN = 5
+
+
+def _break_images(split_dir, names):
+    """Missing, zero-byte, truncated, not-an-image, undecodable (a PNG header then garbage)."""
+    missing, empty, truncated, text, garbage = names
+    (split_dir / missing).unlink()
+    (split_dir / empty).write_bytes(b"")
+    data = (split_dir / truncated).read_bytes()
+    (split_dir / truncated).write_bytes(data[: len(data) // 3])
+    (split_dir / text).write_text("this is not an image\n")
+    (split_dir / garbage).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+
+
+def _add_real_photos(root, split, annotation_file):
+    """Copy the real VizWiz sample photos into `split`, with their captions."""
+    content = json.loads(annotation_file.read_text())
+    sample = json.loads((SAMPLE / "annotations" / "val.json").read_text())
+    for image in sample["images"]:
+        shutil.copy(SAMPLE / "val" / image["file_name"], root / split / image["file_name"])
+        content["images"].append({**image, "id": image["id"] + 900_000})
+    if "annotations" in content:
+        for i, annotation in enumerate(sample["annotations"]):
+            content["annotations"].append({**annotation, "image_id": annotation["image_id"] + 900_000,
+                                           "id": 900_000 + i})
+    annotation_file.write_text(json.dumps(content))
+
+
+@pytest.fixture(scope="module")
+def broken_data(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("broken") / "vizwiz", train=40, val=12, test=10, seed=3)
+    for split, count in [("train", BROKEN_TRAIN), ("val", 2), ("test", 3)]:
+        annotation_file = root / "annotations" / f"{split}.json"
+        names = [image["file_name"] for image in json.loads(annotation_file.read_text())["images"]]
+        _break_images(root / split, (names * 2)[:5] if count == BROKEN_TRAIN else names[:5])
+        _add_real_photos(root, split, annotation_file)
+    return root
+
+
+def test_broken_images_are_skipped_counted_and_listed(tmp_path, broken_data, tiny_blip):
+    out = tmp_path / "run"
+    run_module("src.ft.train", "--data-dir", broken_data, "--checkpoint", tiny_blip, "--output-dir", out,
+               *FAST, "--max-steps", "14", "--eval-every", "7")
+    metrics = read_metrics(out)
+    assert metrics[-1]["images_skipped"] == BROKEN_TRAIN  # distinct images, though seen in two epochs
+    listed = [m for row in metrics for m in row["bad_images_new"]]
+    assert len(listed) == BROKEN_TRAIN
+    log = (out / "train.log").read_text()
+    for kind in ["file not found", "cannot decode image"]:
+        assert kind in log
+    assert all(message in log for message in listed)
+
+
+def test_broken_test_images_still_get_a_caption(tmp_path, broken_data, tiny_blip):
+    out = tmp_path / "run"
+    result = run_module("src.ft.test", "--data-dir", broken_data, "--checkpoint", tiny_blip, "--output-dir", out,
+                        "--max-new-tokens", "5")
+    captions = json.loads((out / "test_captions.json").read_text())
+    expected = [image["id"] for image in json.loads((broken_data / "annotations" / "test.json").read_text())["images"]]
+    assert [c["image_id"] for c in captions] == expected
+    assert "(5 unreadable images got a blank-image caption)" in result.stdout
+
+
+def test_strict_turns_a_bad_image_into_an_error(tmp_path, broken_data, tiny_blip):
+    result = run_module("src.ft.train", "--data-dir", broken_data, "--checkpoint", tiny_blip, "--output-dir",
+                        tmp_path / "run", *FAST, "--max-steps", "14", "--strict", check=False)
+    assert result.returncode == 2
+    last_line = re.split(r"[\r\n]+", result.stderr.strip())[-1]  # after the progress bar
+    assert re.fullmatch(r"error: \S+/train/VizWiz_train_\d+\.jpg: .* \(--strict\)", last_line), result.stderr
+
+
+# ---------------------------------------------------------------- bad input: one line, status 2, nothing overwritten
+
+def _digest(directory):
+    return {p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file() and p.suffix != ".log"}
+
+
+@pytest.fixture(scope="module")
+def finished_ft_run(straight):
+    return straight["ft"]
+
+
+def _bad_data(tmp_path, content):
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "train.json").write_text(content)
+    (root / "annotations" / "val.json").write_text(json.dumps({"images": []}))
+    return root
+
+
+@pytest.mark.parametrize("case", ["malformed json", "wrong schema", "missing data dir", "missing checkpoint",
+                                  "zero batch size", "not a number", "bad precision", "other method's run",
+                                  "bad lora target", "output dir not writable", "resume without state"])
+def test_bad_input_gives_one_line_and_status_2_and_overwrites_nothing(case, tmp_path, capsys, tiny_blip, demo_data,
+                                                                      finished_ft_run):
+    run_copy = tmp_path / "existing-run"
+    shutil.copytree(finished_ft_run, run_copy)
+    before = _digest(run_copy)
+    main, method, argv, expected = train_main, FT, None, None
+    base = ["--checkpoint", str(tiny_blip), "--data-dir", str(demo_data), "--output-dir", str(run_copy)]
+    if case == "malformed json":
+        data = _bad_data(tmp_path, "{oops")
+        argv, expected = base + ["--data-dir", str(data)], f"{data / 'annotations' / 'train.json'}: not valid JSON"
+    elif case == "wrong schema":
+        data = _bad_data(tmp_path, json.dumps({"pictures": []}))
+        argv, expected = base + ["--data-dir", str(data)], "train.json: missing field 'images'"
+    elif case == "missing data dir":
+        argv, expected = base + ["--data-dir", str(tmp_path / "nowhere")], "nowhere: data directory does not exist"
+    elif case == "missing checkpoint":
+        argv, expected = base + ["--checkpoint", str(tmp_path / "no-model")], "--checkpoint"
+    elif case == "zero batch size":
+        argv, expected = base + ["--batch-size", "0"], "--batch-size must be positive"
+    elif case == "not a number":
+        argv, expected = base + ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"
+    elif case == "bad precision":
+        argv, expected = base + ["--precision", "fp8"], "--precision must be"
+    elif case == "other method's run":
+        method, argv, expected = PEFT, base, "holds a 'ft' run, not 'peft'"
+    elif case == "bad lora target":
+        method, argv = PEFT, base + ["--output-dir", str(tmp_path / "new"), "--lora-targets", "nonexistent"]
+        expected = "--lora-targets nonexistent"
+    elif case == "output dir not writable":
+        (tmp_path / "a-file").write_text("")
+        argv, expected = base + ["--output-dir", str(tmp_path / "a-file" / "run")], "cannot write there"
+    elif case == "resume without state":
+        main, argv, expected = resume_main, ["--output-dir", str(tmp_path / "empty")], "no training state to resume"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(method, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert expected in err, err
+    assert _digest(run_copy) == before
+
+
+def test_command_line_errors_are_one_line_from_the_real_entry_point(tmp_path):
+    result = run_module("src.ft.resume", "--output-dir", tmp_path / "nothing-here", check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    result = run_module("src.peft.test", "--split", "train", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "invalid choice" in result.stderr
+
+
+# ---------------------------------------------------------------- failed saves
+
+def test_a_save_that_fails_part_way_leaves_the_previous_state_and_best_model(tmp_path, monkeypatch, tiny_blip,
+                                                                            demo_data):
+    out = tmp_path / "run"
+    config = _config("ft", *_argv(demo_data, tiny_blip, out), "--max-steps", "4", "--eval-every", "2")
+    setup_logging(None)
+    trainer = Trainer(FT, config)
+    assert trainer.run() == 0
+    before = _digest(out / "state"), _digest(out / "best_model")
+
+    def disk_full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        checkpoint.save_training_state(out, trainer.model, trainer.optimizer, trainer.scheduler, None,
+                                       trainer.progress, config)
+    monkeypatch.setattr(trainer.processor, "save_pretrained", lambda *a, **k: disk_full(None, out / "best_model.tmp/x"))
+    with pytest.raises(OSError):
+        checkpoint.save_best_model(out, trainer.model, trainer.processor)
+    monkeypatch.undo()
+
+    assert (_digest(out / "state"), _digest(out / "best_model")) == before
+    assert not (out / "state.tmp").exists() and not (out / "best_model.tmp").exists()
+    fresh = Trainer(FT, config)
+    progress = checkpoint.load_training_state(out, fresh.model, fresh.optimizer, fresh.scheduler, None)
+    assert progress.step == 4
+
+
+def test_training_goes_on_when_saving_fails(tmp_path, monkeypatch, tiny_blip, demo_data, caplog):
+    out = tmp_path / "run"
+    config = _config("ft", *_argv(demo_data, tiny_blip, out), "--max-steps", "6", "--eval-every", "3")
+    calls = []
+
+    def full_disk_after_first_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    original = engine.save_training_state
+    monkeypatch.setattr(engine, "save_training_state", full_disk_after_first_save)
+    setup_logging(out / "train.log")
+    assert Trainer(FT, config).run() == 0
+    log = (out / "train.log").read_text()
+    assert "could not save the training state" in log and "No space left on device" in log
+    assert json.loads((out / "state" / "progress.json").read_text())["step"] == 3  # the one good save
+
+
+# ---------------------------------------------------------------- numerical faults
+
+def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, monkeypatch, tiny_blip, demo_data):
+    calls = {"all": 0, "finite": 0}
+    original = engine.caption_loss
+
+    def loss_with_nans(model, batch):
+        calls["all"] += 1
+        loss = original(model, batch)
+        if calls["all"] == 3 or calls["all"] >= 30:  # one lone NaN, then NaN for good
+            return loss * float("nan")
+        calls["finite"] += 1
+        return loss
+
+    monkeypatch.setattr(engine, "caption_loss", loss_with_nans)
+    out = tmp_path / "run"
+    config = _config("ft", *_argv(demo_data, tiny_blip, out), "--max-steps", "40", "--eval-every", "10")
+    setup_logging(out / "train.log")
+    assert Trainer(FT, config).run() == EXIT_NONFINITE
+    metrics = read_metrics(out)
+    assert metrics[0]["step"] == 10 and metrics[0]["nonfinite_steps"] == 1  # the lone NaN was skipped
+    last_good_step = calls["finite"]
+    assert last_good_step == 28
+    # the streak wrote nothing: the state is the last one saved (every 5 steps and at validations) before it
+    saved_at = {s for s in range(5, 41, 5)} | {m["step"] for m in metrics}
+    state = json.loads((out / "state" / "progress.json").read_text())
+    assert state["step"] == max(s for s in saved_at if s <= last_good_step)
+    assert state["nonfinite_in_a_row"] < 5  # saved before the streak was long enough to stop
+    assert "5 non-finite losses in a row" in (out / "train.log").read_text()
+
+
+# ---------------------------------------------------------------- secrets
+
+def test_no_token_like_string_in_tracked_files():
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert files, "not a git checkout"
+    pattern = re.compile(r"hf_[A-Za-z0-9]{30,}|(?i:token|secret|password)\s*[:=]\s*['\"][A-Za-z0-9_\-]{16,}['\"]")
+    offenders = []
+    for name in files:
+        path = REPO / name
+        if path.is_file() and path.stat().st_size < 2_000_000:
+            if pattern.search(path.read_text(errors="ignore")):
+                offenders.append(name)
+    assert offenders == []
+    for wrapper in ["ft_train.sh", "peft_train.sh", "test.sh"]:
+        assert "HF_TOKEN=" not in (REPO / wrapper).read_text()
+
+
+# ---------------------------------------------------------------- SGE wrappers
+
+@pytest.mark.parametrize("wrapper, module", [("ft_train.sh", "src.ft.train"), ("peft_train.sh", "src.peft.train"),
+                                             ("test.sh", "src.ft.test")])
+def test_wrappers_ask_sge_for_one_gpu_and_run_with_plain_bash(wrapper, module):
+    text = (REPO / wrapper).read_text()
+    for directive in ["#$ -N ", "#$ -j y", "#$ -l h_rt=", "#$ -notify", "#$ -l gpu=1", "#$ -cwd"]:
+        assert directive in text, directive
+    assert f"exec python -m {module if wrapper != 'test.sh' else 'src.$method.test'}" in text.replace('"', "")
+    args = ["bash", wrapper] + (["ft"] if wrapper == "test.sh" else []) + ["--help"]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "VENV_DIR": sys.prefix})
+    assert result.returncode == 0, result.stderr
+    assert "--output-dir" in result.stdout
