@@ -156,7 +156,8 @@ def make_tiny_blip(out_dir, image_size=32, seed=0):
     hidden = 64
     config = BlipConfig(
         vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=image_size, patch_size=8),
+                           num_attention_heads=4, image_size=image_size, patch_size=8,
+                           initializer_range=0.02),  # the library default, 1e-10, starts with a blind encoder
         text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=hidden,
                          max_position_embeddings=64, pad_token_id=vocab.index("[PAD]"),

@@ -115,3 +115,17 @@ def test_epoch_order_depends_only_on_seed_and_epoch_and_resumes_mid_epoch():
     assert EpochBatchSampler(23, 4, seed=5).batches(0) == epoch0
     sampler.set_epoch(0, skip_batches=2)
     assert list(sampler) == epoch0[2:] and len(sampler) == len(epoch0) - 2
+
+
+def test_fused_vision_attention_matches_transformers_attention(tiny_blip):
+    """Same outputs and gradients as transformers' own BlipAttention, to float rounding."""
+    plain, fused = load_captioner(tiny_blip, fused_attention=False), load_captioner(tiny_blip)
+    pixels = torch.randn(3, 3, 32, 32)
+    out_plain = plain.vision_model(pixel_values=pixels).last_hidden_state
+    out_fused = fused.vision_model(pixel_values=pixels).last_hidden_state
+    assert out_plain.abs().max() > 0.1  # a real signal, not near-zero activations
+    assert torch.allclose(out_plain, out_fused, atol=1e-5)
+    out_plain.square().sum().backward()
+    out_fused.square().sum().backward()
+    for (name, a), b in zip(plain.vision_model.named_parameters(), fused.vision_model.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-4), name

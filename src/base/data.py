@@ -146,6 +146,14 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def _pil_resample(value):
+    """Pillow's filter for a processor's `resample` (an int or PIL enum; BICUBIC when it is a torchvision mode)."""
+    try:
+        return Image.Resampling(int(value))
+    except (TypeError, ValueError):
+        return Image.Resampling.BICUBIC
+
+
 class ImageTransform:
     """Resize + rescale + normalise exactly as the checkpoint's BLIP image processor does, in numpy.
 
@@ -156,7 +164,7 @@ class ImageTransform:
     def __init__(self, image_processor, use_draft=True):
         size = image_processor.size
         self.size = (size["width"], size["height"])
-        self.resample = image_processor.resample
+        self.resample = _pil_resample(image_processor.resample)
         self.scale = image_processor.rescale_factor if image_processor.do_rescale else 1.0
         self.mean = np.array(image_processor.image_mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.array(image_processor.image_std, dtype=np.float32).reshape(3, 1, 1)

@@ -149,6 +149,38 @@ def _optimizer(model, config):
     return torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
 
 
+def training_step(model, batch, optimizer, scheduler, scaler, precision, device, max_grad_norm):
+    """Forward, backward, clip, update. Returns (loss, updated).
+
+    `updated` is False when the loss or the gradient is not finite: nothing changes then (with an
+    fp16 loss scaler, infinite gradients are the scaler's business and only the loss is checked).
+    """
+    model.train()
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with autocast(precision, device):
+        loss = caption_loss(model, batch)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
+    if not torch.isfinite(loss) or (scaler is None and not torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return float("nan"), False
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), True
+
+
 class Trainer:
     def __init__(self, method, config, fresh=False):
         self.config, self.fresh = config, fresh
@@ -253,39 +285,19 @@ class Trainer:
         return self._stop_if_signalled()
 
     def _step(self, batch):
-        """Forward, backward, optimizer step. Returns False (and changes nothing) when the loss or gradient is not finite."""
-        p, model = self.progress, self.model
-        model.train()
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast(self.precision, self.device):
-            loss = caption_loss(model, batch)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        trainable = [q for q in model.parameters() if q.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm or float("inf"))
-        finite = bool(torch.isfinite(loss)) and (self.scaler is not None or bool(torch.isfinite(grad_norm)))
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.update()
+        """One update and its bookkeeping. Returns False when it was skipped for a non-finite loss or gradient."""
+        p = self.progress
+        loss, updated = training_step(self.model, batch, self.optimizer, self.scheduler, self.scaler,
+                                      self.precision, self.device, self.config.max_grad_norm)
+        if not updated:
             p.nonfinite_in_a_row += 1
             p.nonfinite_total += 1
             log.warning(f"non-finite loss or gradient after step {p.step}: update skipped "
                         f"({p.nonfinite_in_a_row} in a row, {p.nonfinite_total} in all)")
             return False
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         p.step += 1
         p.nonfinite_in_a_row = 0
-        p.loss_sum += loss.item()
+        p.loss_sum += loss
         p.loss_count += 1
         p.captions_seen += batch["num_captions"]
         self.bar.update(1)

@@ -11,12 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
 from . import constants as C
 from .config import ArgumentParser
 from .data import load_annotations, with_captions
@@ -32,6 +26,13 @@ def score_captions(references, predictions, meteor=True):
     per-image scores {image_id: {metric: float}}), computed exactly as pycocoevalcap's
     COCOEvalCap does: references and predictions tokenised separately, then each scorer.
     """
+    # imported here so that training code imports on machines without the toolkit (a GPU node for a benchmark)
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
     image_ids = list(references)
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in image_ids})

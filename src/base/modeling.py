@@ -1,5 +1,6 @@
 """BLIP captioner: loading, the training loss, caption generation, LoRA."""
 import logging
+import types
 import warnings
 from pathlib import Path
 
@@ -31,8 +32,32 @@ def load_processor(checkpoint):
     return _load(BlipProcessor, checkpoint, "BLIP processor")
 
 
-def load_captioner(checkpoint):
-    return _load(BlipForConditionalGeneration, checkpoint, "BLIP captioning model")
+def load_captioner(checkpoint, fused_attention=True):
+    model = _load(BlipForConditionalGeneration, checkpoint, "BLIP captioning model")
+    return use_fused_vision_attention(model) if fused_attention else model
+
+
+def _fused_vision_attention(self, hidden_states, **kwargs):
+    """BlipAttention.forward with torch's fused scaled_dot_product_attention: same maths, no N x N matrix in memory."""
+    batch, tokens, width = hidden_states.shape
+    q, k, v = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    context = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, dropout_p=self.dropout.p if self.training else 0.0, scale=self.scale)
+    return self.projection(context.transpose(1, 2).reshape(batch, tokens, width)), None
+
+
+def use_fused_vision_attention(model):
+    """Give BLIP's vision encoder fused attention (transformers runs it as explicit softmax(QK^T)V).
+
+    The vision encoder attends over 577 tokens (BLIP at 384 px), most of BLIP's arithmetic;
+    the fused kernel is faster and needs far less memory. Outputs agree to float rounding (tested).
+    """
+    from transformers.models.blip.modeling_blip import BlipAttention
+
+    for module in core_model(model).vision_model.modules():
+        if isinstance(module, BlipAttention):
+            module.forward = types.MethodType(_fused_vision_attention, module)
+    return model
 
 
 def core_model(model):

@@ -1,0 +1,326 @@
+"""Measure our training and captioning paths against a re-creation of the original template's loop.
+
+    python scripts/benchmark.py                          # CPU: BLIP-base shapes at 224 px, random weights
+    python scripts/benchmark.py --shape base --image-size 384 --json results/bench-gpu.json   # on a GPU
+
+Both paths run in this one process, on the same synthetic images and captions, with a BLIP built
+from a config (random weights: no download). A "caption" is one (image, caption) training pair.
+
+  original  padding="max_length" (512 tokens), labels include the padding, fp32, one random caption
+            per image per step, each image encoded once per caption; captions the test set one
+            image at a time, after decoding the full-resolution JPEG.
+  ours      each batch padded to its longest caption, padding masked, every caption of each image
+            in the batch with the image encoded once, bf16 autocast and fused AdamW on GPUs, fused
+            vision attention; batched generate() after a reduced-size JPEG decode.
+
+Also measured: JPEG loading per core on the real VizWiz sample photos (../shared/vizwiz_sample),
+peak memory, and on a GPU the model FLOPs utilisation (FLOPs counted by torch's FlopCounterMode).
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.base.data import CaptionCollator, ImageTransform, load_image  # noqa: E402
+from src.base.engine import autocast, training_step  # noqa: E402
+from src.base.modeling import generate_captions, use_fused_vision_attention  # noqa: E402
+
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "vizwiz_sample" / "val"
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
+               "A100": {"bf16": 312.0, "fp32": 19.5}}
+VIZWIZ_TRAIN_CAPTIONS, VIZWIZ_TRAIN_IMAGES, VIZWIZ_VAL_IMAGES = 117_155, 23_431, 7_750
+BOS, EOS, PAD = 30522, 102, 0  # BLIP's [DEC], [SEP], [PAD]
+
+
+def blip_config(shape, image_size):
+    from transformers import BlipConfig
+    vision = {"tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+              "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+              "large": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)}
+    text = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    if shape == "tiny":
+        text.update(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    text.update(encoder_hidden_size=vision[shape]["hidden_size"], bos_token_id=BOS, sep_token_id=EOS, pad_token_id=PAD)
+    return BlipConfig(vision_config=dict(**vision[shape], image_size=image_size, patch_size=16, initializer_range=0.02),
+                      text_config=text)
+
+
+def build_model(shape, image_size, device, lora, fused):
+    from transformers import BlipForConditionalGeneration
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BlipForConditionalGeneration(blip_config(shape, image_size))
+    if fused:
+        use_fused_vision_attention(model)
+    if lora:
+        from src.base.modeling import add_lora
+        model = add_lora(model, 8, 32, 0.1, ["query", "value"])
+    return model
+
+
+def synthetic_captions(rng, count):
+    """Token-id lists with VizWiz-like lengths (about 13 words, 5 to 30)."""
+    return [[BOS] + [rng.randrange(1000, 30000) for _ in range(max(5, min(30, int(rng.gauss(13, 4)))))] + [EOS]
+            for _ in range(count)]
+
+
+def our_batch(rng, images, captions_per_image, image_size):
+    samples = [{"pixel_values": torch.randn(3, image_size, image_size), "captions": synthetic_captions(rng, captions_per_image)}
+               for _ in range(images)]
+    return CaptionCollator(PAD)(samples)
+
+
+def original_batch(rng, pairs, image_size):
+    """The template's batch: one caption per image, padded to 512, labels = input_ids (padding not masked)."""
+    input_ids = torch.full((pairs, 512), PAD, dtype=torch.long)
+    attention_mask = torch.zeros((pairs, 512), dtype=torch.long)
+    for row, ids in enumerate(synthetic_captions(rng, pairs)):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+    return {"pixel_values": torch.randn(pairs, 3, image_size, image_size), "input_ids": input_ids,
+            "attention_mask": attention_mask, "labels": input_ids.clone()}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process-wide high-water mark, GiB
+
+
+def time_steps(step, steps, warmup, device):
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_train_ours(args, device, precision, compile_model=False):
+    rng = random.Random(0)
+    model = build_model(args.shape, args.image_size, device, args.lora, fused=True)
+    if compile_model:  # compile the two halves: caption_loss calls them directly
+        blip = model.get_base_model() if args.lora else model
+        blip.vision_model, blip.text_decoder = torch.compile(blip.vision_model), torch.compile(blip.text_decoder)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    batches = [our_batch(rng, args.batch_images, args.captions_per_image, args.image_size) for _ in range(3)]
+    counter = iter(range(10**9))
+
+    def step():
+        training_step(model, batches[next(counter) % 3], optimizer, scheduler, None, precision, device, 1.0)
+
+    reset_memory(device)
+    warmup = max(args.warmup, 6) if compile_model else args.warmup  # compile (and recompile per caption length) first
+    seconds = time_steps(step, args.steps, warmup, device)
+    captions = sum(b["num_captions"] for b in batches) / len(batches)
+    result = {"captions_per_s": captions / seconds, "step_s": seconds, "peak_memory_gb": peak_memory_gb(device)}
+    if device.type == "cuda" and not compile_model:
+        result.update(model_flops_utilisation(model, batches[0], optimizer, scheduler, precision, device, seconds))
+    return result
+
+
+def bench_train_original(args, device):
+    rng = random.Random(0)
+    model = build_model(args.shape, args.image_size, device, args.lora, fused=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    batches = [{k: v.to(device) for k, v in original_batch(rng, args.batch_images, args.image_size).items()}
+               for _ in range(2)]
+    counter = iter(range(10**9))
+    model.train()
+
+    def step():
+        loss = model(**batches[next(counter) % 2]).loss  # fp32, whole model forward per caption
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    reset_memory(device)
+    seconds = time_steps(step, max(2, args.steps // 2), 1, device)
+    result = {"captions_per_s": args.batch_images / seconds, "step_s": seconds, "peak_memory_gb": peak_memory_gb(device)}
+    return result
+
+
+def model_flops_utilisation(model, batch, optimizer, scheduler, precision, device, step_seconds):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        training_step(model, batch, optimizer, scheduler, None, precision, device, 1.0)
+    flops = counter.get_total_flops()
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    achieved = flops / step_seconds / 1e12
+    return {"tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
+            "mfu": achieved / peak[precision if precision in peak else "fp32"] if peak else None}
+
+
+def sample_jpegs(directory, count):
+    paths = sorted(Path(directory).glob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"error: {directory}: no JPEGs here (--sample-dir: real photos, e.g. ../shared/vizwiz_sample/val)")
+    return [paths[i % len(paths)] for i in range(count)]
+
+
+def bench_captioning(args, device, precision, ours):
+    """Images captioned per second, JPEG decode included, same decoding settings on both paths."""
+    from transformers import BlipImageProcessor
+    model = build_model(args.shape, args.image_size, device, args.lora, fused=ours).eval()
+    processor = BlipImageProcessor(size={"height": args.image_size, "width": args.image_size})
+    transform = ImageTransform(processor, use_draft=ours)
+    tokenizer = _IdTokenizer()
+    count = args.caption_images if ours else max(4, args.caption_images // 8)
+    paths = sample_jpegs(args.sample_dir, count)
+    kwargs = dict(num_beams=args.num_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+
+    def run():
+        if ours:
+            for start in range(0, count, args.caption_batch):
+                pixels = torch.stack([transform(transform.load(p)) for p in paths[start:start + args.caption_batch]])
+                with autocast(precision, device):
+                    generate_captions(model, pixels.to(device), tokenizer, **kwargs)
+        else:
+            for path in paths:
+                pixels = processor(images=load_image(path), return_tensors="pt")["pixel_values"]
+                generate_captions(model, pixels.to(device), tokenizer, **kwargs)
+
+    with torch.no_grad():
+        generate_captions(model, torch.randn(2, 3, args.image_size, args.image_size, device=device), tokenizer, **kwargs)
+        reset_memory(device)
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+    seconds = time.perf_counter() - start
+    result = {"images_per_s": count / seconds, "peak_memory_gb": peak_memory_gb(device)}
+    return result
+
+
+class _IdTokenizer:
+    """Stands in for the tokenizer: the benchmark times generation, not decoding to text."""
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(map(str, row.tolist())) for row in ids]
+
+
+def bench_loading(args):
+    """JPEG -> model input tensor, one core: full decode + BlipImageProcessor vs reduced-size decode + our transform."""
+    from transformers import BlipImageProcessor
+    torch.set_num_threads(1)
+    processor = BlipImageProcessor(size={"height": args.image_size, "width": args.image_size})
+    ours = ImageTransform(processor, use_draft=True)
+    paths = sample_jpegs(args.sample_dir, 60)
+    results = {}
+    for name, load in [("original", lambda p: processor(images=load_image(p), return_tensors="pt")),
+                       ("ours", lambda p: ours(ours.load(p)))]:
+        load(paths[0])
+        start = time.perf_counter()
+        for path in paths:
+            load(path)
+        results[name] = {"images_per_s_per_core": len(paths) / (time.perf_counter() - start)}
+    torch.set_num_threads(os.cpu_count() or 1)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["tiny", "base", "large"], default="base", help="BLIP-base or -large shapes")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 384 on a GPU, 224 on the CPU")
+    parser.add_argument("--lora", action="store_true", help="train LoRA (r=8, query/value) instead of every weight")
+    parser.add_argument("--batch-images", type=int, default=None, help="images per training step (default 16 GPU, 4 CPU)")
+    parser.add_argument("--captions-per-image", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 20 GPU, 3 CPU)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--caption-images", type=int, default=None, help="images captioned by our path (default 256 GPU, 32 CPU)")
+    parser.add_argument("--caption-batch", type=int, default=None, help="images per generate() call (default 64 GPU, 16 CPU)")
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=20, help="caption length in tokens (fixed, both paths)")
+    parser.add_argument("--compile", action="store_true", help="also time our training path under torch.compile")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: loading,train,caption")
+    parser.add_argument("--sample-dir", default=str(SAMPLE_DIR), help="real JPEGs to decode (default: the VizWiz sample)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+    args.image_size = args.image_size or (384 if gpu else 224)
+    args.batch_images = args.batch_images or (16 if gpu else 4)
+    args.steps = args.steps or (20 if gpu else 3)
+    args.caption_images = args.caption_images or (256 if gpu else 32)
+    args.caption_batch = args.caption_batch or (64 if gpu else 16)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the original ran plain fp32; ours uses bf16 autocast
+    skip = set(filter(None, args.skip.split(",")))
+    report = {"device": torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)",
+              "torch": torch.__version__, "settings": vars(args), "precision_ours": precision}
+
+    if "loading" not in skip:
+        report["loading"] = bench_loading(args)
+    if "train" not in skip:
+        report["train"] = {"original": bench_train_original(args, device), "ours": bench_train_ours(args, device, precision)}
+        if args.compile:
+            report["train"]["ours_compiled"] = bench_train_ours(args, device, precision, compile_model=True)
+    if "caption" not in skip:
+        report["caption"] = {"original": bench_captioning(args, device, precision, ours=False),
+                             "ours": bench_captioning(args, device, precision, ours=True)}
+    print_table(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def print_table(report):
+    s = report["settings"]
+    print(f"device: {report['device']}, torch {report['torch']}; BLIP-{s['shape']} shapes at {s['image_size']} px"
+          f"{', LoRA' if s['lora'] else ''}; ours in {report['precision_ours']}")
+    rows = []
+    if "loading" in report:
+        o, u = report["loading"]["original"]["images_per_s_per_core"], report["loading"]["ours"]["images_per_s_per_core"]
+        rows.append(("JPEG loading, images/s per core (real sample photos)", o, u, ""))
+    if "train" in report:
+        t = report["train"]
+        o, u = t["original"]["captions_per_s"], t["ours"]["captions_per_s"]
+        extra = f"peak memory {t['original']['peak_memory_gb']:.1f} vs {t['ours']['peak_memory_gb']:.1f} GB"
+        if t["ours"].get("mfu") is not None:
+            extra += f"; ours: {t['ours']['achieved_tflops']:.0f} TFLOP/s, MFU {100 * t['ours']['mfu']:.1f}%"
+        rows.append(("training, captions/s", o, u, extra))
+        if "ours_compiled" in t:
+            rows.append(("training, captions/s, torch.compile", o, t["ours_compiled"]["captions_per_s"], ""))
+        epoch = VIZWIZ_TRAIN_CAPTIONS / u
+        print(f"estimated full VizWiz training epoch ({VIZWIZ_TRAIN_CAPTIONS:,} captions): {epoch / 60:.1f} min ours, "
+              f"{VIZWIZ_TRAIN_CAPTIONS / o / 60:.1f} min original")
+    if "caption" in report:
+        c = report["caption"]
+        o, u = c["original"]["images_per_s"], c["ours"]["images_per_s"]
+        rows.append(("test captioning, images/s (decode + generate)", o, u,
+                     f"beams {s['num_beams']}, {s['new_tokens']} tokens, batch {s['caption_batch']}"))
+        print(f"estimated validation pass ({VIZWIZ_VAL_IMAGES:,} images, compute only): {VIZWIZ_VAL_IMAGES / u / 60:.1f} min ours")
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':{width}}  {'original':>10}  {'ours':>10}  {'ratio':>7}")
+    for name, o, u, extra in rows:
+        print(f"{name:{width}}  {o:10.2f}  {u:10.2f}  {u / o:6.1f}x  {extra}")
+
+
+if __name__ == "__main__":
+    main()
