@@ -355,10 +355,10 @@ class Trainer:
 
     def _save_state(self):
         self._tick()
+        self.last_save = time.time()  # after a failure too: retry at the next due save, not every batch
         try:
             save_training_state(self.output_dir, self.model, self.optimizer, self.scheduler, self.scaler,
                                 self.progress, self.config)
-            self.last_save = time.time()
         except OSError as error:
             log.error(f"could not save the training state to {self.output_dir / 'state'} ({error}); "
                       f"the previous state is kept")
