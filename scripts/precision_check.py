@@ -4,13 +4,12 @@
 
 Trains the demo's tiny BLIP on the synthetic VizWiz-style set twice (same seed, same data order),
 once in fp32 and once under bf16 autocast, captions the validation set with each, writes
-val_captions_<precision>.json and, where Java is available, prints each one's CIDEr-D (otherwise
-score the files later with `python -m src.base.evaluate`). Seeds 0..N-1 give the noise level.
+val_captions_<precision>.json and prints each one's CIDEr-D (PTB tokenizer where Java is installed,
+the Python tokenizer otherwise: compare rows scored the same way). Seeds 0..N-1 give the noise level.
 """
 import argparse
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ from src.base import constants as C  # noqa: E402
 from src.base.data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageTransform,  # noqa: E402
                            caption_token_ids, load_split, make_loader, with_captions)
 from src.base.engine import caption_records, training_step  # noqa: E402
+from src.base.evaluate import score_captions  # noqa: E402
 from src.base.modeling import decoder_token_ids, load_captioner, load_processor  # noqa: E402
 
 
@@ -73,11 +73,9 @@ def main():
                                                          args.steps, seed)
             name = out / f"val_captions_{precision}_seed{seed}.json"
             name.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()]))
-            cider = None
-            if shutil.which("java"):
-                from src.base.evaluate import score_captions
-                cider = score_captions(references, predictions, meteor=False)[0]["CIDEr"]
-            rows.append({"seed": seed, "precision": precision, "CIDEr": cider, "file": str(name)})
+            scores, _, tokenizer = score_captions(references, predictions, meteor=False)
+            rows.append({"seed": seed, "precision": precision, "CIDEr": scores["CIDEr"], "tokenizer": tokenizer,
+                         "file": str(name)})
             print(json.dumps(rows[-1]), flush=True)
     (out / "precision_check.json").write_text(json.dumps({"device": str(device), "steps": args.steps, "runs": rows},
                                                          indent=2))

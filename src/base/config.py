@@ -89,6 +89,9 @@ def resolve(method, args, saved=None):
         values.update(saved)
     given = {k: v for k, v in vars(args).items() if v is not None and k in values}
     values.update(given)
+    for key in ("data_dir", "output_dir", "checkpoint"):
+        if Path(values[key]).exists() or key != "checkpoint":
+            values[key] = str(Path(values[key]).expanduser().resolve())
     if args.keep_rejected:
         values["drop_rejected"] = False
     if args.keep_precanned:
@@ -122,16 +125,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def training_parser(description):
-    """Flags shared by train and resume (all default to None: 'not given', so saved values survive a resume)."""
+def training_parser(description, checkpoint_help="starting model: hub name or local directory",
+                    batch_help="images per step; each brings all its kept captions"):
+    """Flags of train, resume and test (all default to None: 'not given', so saved values survive a resume)."""
     p = ArgumentParser(description=description)
     p.add_argument("--data-dir", help="VizWiz root: annotations/{train,val,test}.json and train/ val/ test/ images")
     p.add_argument("--output-dir", help="where the run writes best_model/, metrics.jsonl, state/, logs")
-    p.add_argument("--checkpoint", help="starting model: hub name or local directory")
+    p.add_argument("--checkpoint", help=checkpoint_help)
     p.add_argument("--objective", choices=["xe"], help="training objective: xe = cross-entropy")
     p.add_argument("--epochs", type=int, help="passes over every kept caption of the training set")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all; > 0 overrides --epochs")
-    p.add_argument("--batch-size", type=int, help="images per step; each brings all its kept captions")
+    p.add_argument("--batch-size", type=int, help=batch_help)
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-ratio", type=float, help="fraction of steps for linear warm-up")

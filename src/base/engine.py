@@ -324,7 +324,7 @@ class Trainer:
             self._save_state()
             return self._stop_if_signalled()
         references = {r.image_id: r.captions for r in self.val_records}
-        scores, per_image = score_captions(references, predictions, meteor=config.val_meteor)
+        scores, per_image, tokenizer = score_captions(references, predictions, meteor=config.val_meteor)
         self._tick()
         is_best = scores["CIDEr"] > p.best_cider and self._save_best(predictions, per_image)
         if is_best:
@@ -333,7 +333,8 @@ class Trainer:
                 "train_loss": p.loss_sum / max(p.loss_count, 1), "lr": self.scheduler.get_last_lr()[0],
                 **scores, "best_CIDEr": p.best_cider, "is_best": is_best, "captions_seen": p.captions_seen,
                 "images_skipped": len(p.bad_images), "bad_images_new": p.bad_images[p.bad_images_reported:],
-                "nonfinite_steps": p.nonfinite_total, "elapsed_seconds": round(p.elapsed_seconds, 1)}
+                "nonfinite_steps": p.nonfinite_total, "tokenizer": tokenizer,
+                "elapsed_seconds": round(p.elapsed_seconds, 1)}
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
         report.plot_curves(self.output_dir / METRICS_FILE, self.output_dir / "curves.png")

@@ -1,58 +1,92 @@
 """Caption scoring with the coco-caption toolkit (pycocoevalcap), as the VizWiz challenge server does.
 
     python -m src.base.evaluate --annotations data/vizwiz/annotations/val.json --predictions P.json [--json]
+    python -m src.base.evaluate --annotations val.json --predictions A.json --compare B.json   # is B better?
+    python -m src.base.evaluate --annotations data/vizwiz/annotations/test.json --check-submission test_captions.json
 
 References are the annotation file's captions without rejected and precanned ones (the VizWiz
 evaluation default); images left with no reference are not scored. Captions are tokenised with
 the Stanford PTB tokenizer (Java), then scored with BLEU-1..4, METEOR, ROUGE-L and CIDEr (the
-coco-caption CIDEr is CIDEr-D: clipped n-gram counts and a length penalty).
+coco-caption CIDEr is CIDEr-D: clipped n-gram counts and a length penalty). Without Java the
+tokenisation is done in Python (src/base/ptb.py) and METEOR and SPICE are reported as unavailable.
 """
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import constants as C
 from .config import ArgumentParser
 from .data import load_annotations, with_captions
-from .helpers import UserError, exit_on_user_error
+from .helpers import UserError, exit_on_user_error, log
+from .ptb import java_available, tokenize
 
-METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
+TOKENIZERS = {"ptb": "Stanford PTB tokenizer (Java), as the challenge server", "python": "PTB-like tokenizer in Python (spaCy), no Java"}
 
 
-def score_captions(references, predictions, meteor=True):
+def score_captions(references, predictions, meteor=True, spice=False, tokenizer="auto"):
     """Score `predictions` {image_id: caption} against `references` {image_id: [captions]}.
 
-    Every referenced image must have a prediction. Returns (corpus scores {metric: float},
-    per-image scores {image_id: {metric: float}}), computed exactly as pycocoevalcap's
-    COCOEvalCap does: references and predictions tokenised separately, then each scorer.
+    Every referenced image must have a prediction. Returns (corpus scores {metric: float or None},
+    per-image scores {image_id: {metric: float}}, tokenizer used: "ptb" or "python"), computed as
+    pycocoevalcap's COCOEvalCap does: references and predictions tokenised separately, then each
+    scorer. tokenizer="auto" uses Java when it is there. A metric that cannot be computed
+    (METEOR and SPICE without Java; SPICE without its Stanford models) is None, never 0.
     """
     # imported here so that training code imports on machines without the toolkit (a GPU node for a benchmark)
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    use_java = java_available() if tokenizer == "auto" else tokenizer == "ptb"
+    if use_java and not java_available():
+        raise UserError("--tokenizer ptb: no working `java` on PATH (install Java, or use --tokenizer python)")
     image_ids = list(references)
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in image_ids})
-    res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in image_ids})
-    scorers = [(Bleu(4), METRICS[:4]), (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
-    if meteor:
-        scorers.insert(1, (Meteor(), ["METEOR"]))
-
+    gts = tokenize({i: references[i] for i in image_ids}, use_java)
+    res = tokenize({i: [predictions[i]] for i in image_ids}, use_java)
+    scorers = [(lambda: Bleu(4), METRICS[:4]), (Rouge, ["ROUGE_L"]), (Cider, ["CIDEr"])]
     corpus, per_image = {}, {i: {} for i in image_ids}
-    for scorer, names in scorers:
-        if isinstance(scorer, Bleu):
-            score, scores = scorer.compute_score(gts, res, verbose=0)
-        else:
-            score, scores = scorer.compute_score(gts, res)
-            score, scores = [score], [scores]
+    if meteor:
+        corpus["METEOR"] = None
+        if use_java:
+            scorers.append((_meteor, ["METEOR"]))
+    if spice:
+        corpus["SPICE"] = None
+        if use_java:
+            scorers.append((_spice, ["SPICE"]))
+
+    for make_scorer, names in scorers:
+        try:
+            scorer = make_scorer()
+            if isinstance(scorer, Bleu):
+                score, scores = scorer.compute_score(gts, res, verbose=0)
+            else:
+                score, scores = scorer.compute_score(gts, res)
+                score, scores = [score], [scores]
+        except Exception as error:  # only SPICE may fail here: it downloads Stanford CoreNLP on first use
+            if names != ["SPICE"]:
+                raise
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            log.warning(f"SPICE unavailable ({reason}); the other metrics are unaffected")
+            continue
         for name, value, values in zip(names, score, scores):
             corpus[name] = float(value)
             for image_id, v in zip(gts.keys(), values):
-                per_image[image_id][name] = float(v)
-    return {name: corpus[name] for name in METRICS if name in corpus}, per_image
+                per_image[image_id][name] = float(v["All"]["f"]) if isinstance(v, dict) else float(v)
+    ordered = {name: corpus[name] for name in METRICS if name in corpus}
+    return ordered, per_image, "ptb" if use_java else "python"
+
+
+def _meteor():
+    from pycocoevalcap.meteor.meteor import Meteor
+    return Meteor()
+
+
+def _spice():
+    from pycocoevalcap.spice.spice import Spice
+    return Spice()
 
 
 def read_predictions(path):
@@ -92,33 +126,130 @@ def check_coverage(references, predictions, predictions_path):
 
 
 def format_scores(scores):
-    return "  ".join(f"{name} {value:.4f}" for name, value in scores.items())
+    return "  ".join(f"{name} {'n/a' if value is None else f'{value:.4f}'}" for name, value in scores.items())
+
+
+def check_submission(path, annotation_file):
+    """Everything the challenge server needs of a captions file; returns a list of problems (empty: fine)."""
+    path, problems = Path(path), []
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [f"{path}: file not found"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return [f"{path}: not valid JSON ({error})"]
+    if not isinstance(entries, list):
+        return [f"{path}: the top level must be a JSON list, got {type(entries).__name__}"]
+    expected = {r.image_id for r in load_annotations(annotation_file, Path(annotation_file).parent)}
+    seen = set()
+    for position, entry in enumerate(entries):
+        where = f"entry {position}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: not an object: {entry!r:.80}")
+            continue
+        extra = set(entry) - {"image_id", "caption"}
+        if extra:
+            problems.append(f"{where}: unexpected keys {sorted(extra)}")
+        image_id, caption = entry.get("image_id"), entry.get("caption")
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            problems.append(f"{where}: image_id must be an integer, got {image_id!r:.40}")
+        elif image_id not in expected:
+            problems.append(f"{where}: image_id {image_id} is not an image of {annotation_file}")
+        elif image_id in seen:
+            problems.append(f"{where}: image_id {image_id} appears more than once")
+        else:
+            seen.add(image_id)
+        if not isinstance(caption, str) or not caption.strip():
+            problems.append(f"{where}: caption must be a non-empty string, got {caption!r:.40}")
+    missing = sorted(expected - seen)
+    if missing:
+        problems.append(f"{len(missing)} of {len(expected)} images have no caption (first: {missing[:5]})")
+    return problems
+
+
+def paired_bootstrap(a, b, resamples=10_000, seed=0):
+    """Mean of b - a over images and its 95% paired-bootstrap interval (images resampled with replacement)."""
+    differences = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # in chunks: 10,000 x 7,750 indices at once is 600 MB
+        stop = min(start + 1000, resamples)
+        means[start:stop] = differences[rng.integers(0, len(differences), (stop - start, len(differences)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(differences.mean()), float(low), float(high)
+
+
+def compare(references, predictions_a, predictions_b, tokenizer):
+    """Per-image CIDEr-D of two prediction files over the same references, and the bootstrap interval of B - A."""
+    _, per_a, used = score_captions(references, predictions_a, meteor=False, tokenizer=tokenizer)
+    _, per_b, _ = score_captions(references, predictions_b, meteor=False, tokenizer=tokenizer)
+    ids = list(references)
+    a, b = [per_a[i]["CIDEr"] for i in ids], [per_b[i]["CIDEr"] for i in ids]
+    mean, low, high = paired_bootstrap(a, b)
+    return {"CIDEr_A": float(np.mean(a)), "CIDEr_B": float(np.mean(b)), "difference": mean, "ci95": [low, high],
+            "B_better_images": int(sum(y > x for x, y in zip(a, b))), "A_better_images": int(sum(x > y for x, y in zip(a, b))),
+            "images": len(ids), "tokenizer": used, "per_image": {i: y - x for i, x, y in zip(ids, a, b)}}
 
 
 @exit_on_user_error
 def main(argv=None):
-    parser = ArgumentParser(description="Score a predictions file with pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr-D).")
-    parser.add_argument("--annotations", required=True, help="VizWiz-format annotation file with reference captions")
-    parser.add_argument("--predictions", required=True, help='JSON list of {"image_id": int, "caption": str}')
+    parser = ArgumentParser(description="Score captions with pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr-D), "
+                                        "compare two prediction files, or check a challenge submission.")
+    parser.add_argument("--annotations", required=True, help="VizWiz-format annotation file (references, or the test images)")
+    parser.add_argument("--predictions", help='JSON list of {"image_id": int, "caption": str}')
     parser.add_argument("--json", action="store_true", help="print one JSON object keyed by the coco-caption metric names")
     parser.add_argument("--keep-rejected", action="store_true", help="score against rejected captions too")
     parser.add_argument("--keep-precanned", action="store_true", help="score against precanned captions too")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (the slowest metric)")
+    parser.add_argument("--spice", action="store_true", help="also SPICE (Java; downloads Stanford CoreNLP on first use)")
+    parser.add_argument("--tokenizer", choices=["auto", "ptb", "python"], default="auto",
+                        help="ptb: Stanford PTB (Java), as the challenge server; python: no Java; auto: ptb when Java is there")
+    parser.add_argument("--compare", metavar="B.json", help="a second predictions file: per-image CIDEr-D differences "
+                                                            "B - A and a paired bootstrap 95%% interval")
+    parser.add_argument("--check-submission", metavar="FILE", help="check FILE against --annotations (the test split) "
+                                                                   "for what the challenge server needs")
     args = parser.parse_args(argv)
 
+    if args.check_submission:
+        problems = check_submission(args.check_submission, args.annotations)
+        for problem in problems[:50]:
+            print(f"{args.check_submission}: {problem}")
+        if len(problems) > 50:
+            print(f"... and {len(problems) - 50} more problems")
+        print(f"{args.check_submission}: {'NOT ready' if problems else 'ready'} for the challenge server "
+              f"({len(problems)} problems)")
+        return 1 if problems else 0
+    if not args.predictions:
+        raise UserError("give --predictions (or --check-submission)")
     references = references_from_annotations(args.annotations, not args.keep_rejected and C.DROP_REJECTED,
                                              not args.keep_precanned and C.DROP_PRECANNED)
     if not references:
         raise UserError(f"{args.annotations}: no image has a reference caption to score against")
     predictions = read_predictions(args.predictions)
     check_coverage(references, predictions, args.predictions)
-    scores, _ = score_captions(references, {i: predictions[i] for i in references}, meteor=not args.no_meteor)
+    if args.compare:
+        other = read_predictions(args.compare)
+        check_coverage(references, other, args.compare)
+        result = compare(references, predictions, other, args.tokenizer)
+        if args.json:
+            print(json.dumps({k: v for k, v in result.items() if k != "per_image"}))
+        else:
+            low, high = result["ci95"]
+            verdict = "B is better" if low > 0 else "A is better" if high < 0 else "no significant difference"
+            print(f"{result['images']} images, tokenizer: {TOKENIZERS[result['tokenizer']]}\n"
+                  f"CIDEr-D  A {result['CIDEr_A']:.4f}  B {result['CIDEr_B']:.4f}  B - A {result['difference']:+.4f}  "
+                  f"95% paired bootstrap interval [{low:+.4f}, {high:+.4f}]: {verdict}\n"
+                  f"images where B scores higher: {result['B_better_images']}, lower: {result['A_better_images']}")
+        return 0
+    scores, _, used = score_captions(references, {i: predictions[i] for i in references}, meteor=not args.no_meteor,
+                                     spice=args.spice, tokenizer=args.tokenizer)
     if args.json:
-        print(json.dumps(scores))
+        print(json.dumps({**scores, "tokenizer": used}))
     else:
-        print(f"{len(references)} images scored")
+        print(f"{len(references)} images scored; tokenizer: {TOKENIZERS[used]}")
         for name, value in scores.items():
-            print(f"{name:8s} {value:.4f}")
+            print(f"{name:8s} {'unavailable' if value is None else f'{value:.4f}'}")
+    return 0
 
 
 if __name__ == "__main__":

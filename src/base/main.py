@@ -61,23 +61,16 @@ def resume_main(method, argv=None):
 
 @exit_on_user_error
 def test_main(method, argv=None):
-    parser = run_config.ArgumentParser(description=f"Caption the test (or val) split with a {method.name} run's best model.")
-    parser.add_argument("--output-dir", help="the run directory; captions and scores are written here")
-    parser.add_argument("--checkpoint", help=f"model to caption with (default: <output-dir>/{BEST_DIR})")
-    parser.add_argument("--data-dir", help="VizWiz root (default: the run's, else DATA_DIR)")
+    parser = run_config.training_parser(
+        f"Caption the test (or val) split with a {method.name} run's best model. Training flags are accepted "
+        f"(and ignored) so that one set of flags serves train, resume and test.",
+        checkpoint_help=f"model to caption with: hub name or local directory (default: <output-dir>/{BEST_DIR})",
+        batch_help="images per generate() call (default: the run's --eval-batch-size)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="test: write test_captions.json for the challenge; val: caption and score the validation set")
-    parser.add_argument("--batch-size", type=int, dest="eval_batch_size", help="images per generate() call")
-    parser.add_argument("--num-beams", type=int)
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--min-new-tokens", type=int)
-    parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--precision", help="auto | fp32 | bf16 | fp16")
-    parser.add_argument("--strict", action="store_true", default=None,
-                        help="stop at an unreadable image instead of captioning it as a blank one")
-    parser.add_argument("--keep-rejected", action="store_true", help="--split val: score against rejected captions too")
-    parser.add_argument("--keep-precanned", action="store_true", help="--split val: score against precanned captions too")
     args = parser.parse_args(argv)
+    if args.batch_size is not None:  # on test, --batch-size is the captioning batch
+        args.eval_batch_size, args.batch_size = args.batch_size, None
     output_dir = _output_dir(method, args)
     saved = run_config.load_saved(output_dir)
     config = _start(method, args, saved, "test.log")
@@ -102,8 +95,8 @@ def test_main(method, argv=None):
     write_json_atomic(out_file, captions)
     log.info(f"wrote {len(captions)} captions to {out_file}" + (f" ({len(bad)} unreadable images got a blank-image caption)" if bad else ""))
     if args.split == "val":
-        scores, _ = score_captions({r.image_id: r.captions for r in records}, predictions)
-        write_json_atomic(output_dir / "val_scores.json", {"checkpoint": checkpoint, **scores})
+        scores, _, tokenizer = score_captions({r.image_id: r.captions for r in records}, predictions)
+        write_json_atomic(output_dir / "val_scores.json", {"checkpoint": checkpoint, **scores, "tokenizer": tokenizer})
         log.info(f"validation scores: {format_scores(scores)}")
         print(json.dumps(scores))
     return 0

@@ -74,3 +74,111 @@ def plot_curves(metrics_path, out_png):
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- an HTML page for several runs
+
+def _data_uri(image, quality=85):
+    import base64
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if image.mode == "RGB" else "PNG", quality=quality)
+    kind = "jpeg" if image.mode == "RGB" else "png"
+    return f"data:image/{kind};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def _thumbnail(path, width=320):
+    try:
+        photo = load_image(path, (width, width))
+        return photo.resize((width, max(1, round(photo.height * width / photo.width))))
+    except BadImage:
+        return Image.new("RGB", (width, width // 2), (160, 160, 160))
+
+
+def _curves_png(runs):
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_axis, cider_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        if run["metrics"]:
+            steps = [r["step"] for r in run["metrics"]]
+            loss_axis.plot(steps, [r["train_loss"] for r in run["metrics"]], marker="o", label=run["name"])
+            cider_axis.plot(steps, [r["CIDEr"] for r in run["metrics"]], marker="o", label=run["name"])
+    loss_axis.set(xlabel="step", ylabel="training loss", title="training loss")
+    cider_axis.set(xlabel="step", ylabel="CIDEr-D", title="validation CIDEr-D")
+    for axis in (loss_axis, cider_axis):
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGBA")
+
+
+def load_run(run_dir):
+    """What a run directory holds: config, metrics, validation scores and captions (each may be missing)."""
+    run_dir = Path(run_dir)
+
+    def read(name):
+        path = run_dir / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    return {"name": run_dir.name, "dir": run_dir, "config": read("config.json") or {}, "metrics": metrics,
+            "val_scores": read("val_scores.json"), "val_captions": read("val_captions.json")}
+
+
+def html_report(run_dirs, title="VizWiz captioning runs"):
+    """One self-contained HTML page (images inlined) comparing `run_dirs`."""
+    from html import escape
+
+    from .data import load_split, with_captions
+    from .evaluate import score_captions
+
+    runs = [load_run(d) for d in run_dirs]
+    columns = ["Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+    rows = []
+    for run in runs:
+        best = max(run["metrics"], key=lambda r: r["CIDEr"]) if run["metrics"] else {}
+        scores = run["val_scores"] or {}
+        cells = [run["name"], run["config"].get("method", ""), run["config"].get("checkpoint", ""),
+                 f"{best['CIDEr']:.4f} @ {best['step']}" if best else "",
+                 str(run["metrics"][-1]["step"]) if run["metrics"] else "",
+                 f"{run['metrics'][-1].get('elapsed_seconds', 0) / 3600:.2f}" if run["metrics"] else ""]
+        cells += ["" if scores.get(c) is None else f"{scores[c]:.4f}" for c in columns]
+        rows.append("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>")
+    header = ["run", "method", "checkpoint", "best val CIDEr-D @ step", "steps", "hours"] + [f"val {c}" for c in columns]
+    parts = [f"<h1>{escape(title)}</h1>", '<table id="metrics"><thead><tr>'
+             + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr></thead><tbody>" + "".join(rows)
+             + "</tbody></table>"]
+    if any(run["metrics"] for run in runs):
+        parts.append(f'<h2>Curves</h2><img id="curves" alt="training loss and validation CIDEr-D" '
+                     f'src="{_data_uri(_curves_png(runs))}">')
+    for run in runs:
+        if not run["val_captions"] or not run["config"].get("data_dir"):
+            continue
+        records = with_captions(load_split(run["config"]["data_dir"], "val", run["config"].get("drop_rejected", True),
+                                           run["config"].get("drop_precanned", True)))
+        predictions = {c["image_id"]: c["caption"] for c in run["val_captions"]}
+        records = [r for r in records if r.image_id in predictions]
+        _, per_image, _ = score_captions({r.image_id: r.captions for r in records}, predictions, meteor=False)
+        parts.append(f'<h2>{escape(run["name"])}: validation examples</h2><section class="gallery">')
+        for kind, record in pick_examples(records, per_image):
+            references = "".join(f"<li>{escape(c)}</li>" for c in record.captions)
+            parts.append(
+                f'<figure class="example" data-kind="{kind}"><img src="{_data_uri(_thumbnail(record.path))}" '
+                f'alt="image {record.image_id}"><figcaption><b>{kind}</b> · CIDEr-D '
+                f'{per_image[record.image_id]["CIDEr"]:.3f} · image {record.image_id}<br>'
+                f'<i>predicted:</i> {escape(predictions[record.image_id])}<ul>{references}</ul></figcaption></figure>')
+        parts.append("</section>")
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;font-size:14px}.gallery{display:flex;flex-wrap:wrap;gap:12px}figure{width:320px;margin:0}"
+             "figcaption{font-size:13px}#curves{max-width:100%}")
+    # after loading, the page records how many images decoded: a headless browser test reads it back
+    script = ("window.addEventListener('load',()=>{document.body.dataset.imagesLoaded="
+              "[...document.images].filter(i=>i.complete&&i.naturalWidth>0).length;});")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{style}</style>"
+            f"</head><body>{''.join(parts)}<script>{script}</script></body></html>")

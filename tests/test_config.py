@@ -1,0 +1,33 @@
+"""Constants < environment variables of the same name < command-line flags."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+SHOW = ("import json, sys; from src.base.config import resolve, training_parser; from src.ft.method import METHOD; "
+        "c = resolve(METHOD, training_parser('x').parse_args(sys.argv[1:])); "
+        "print(json.dumps({k: getattr(c, k) for k in ('batch_size', 'epochs', 'lr', 'data_dir', 'checkpoint')}))")
+
+
+def _resolved(env, *flags):
+    result = subprocess.run([sys.executable, "-c", SHOW, *flags], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, **env})
+    return result, (json.loads(result.stdout) if result.returncode == 0 else None)
+
+
+def test_environment_overrides_constants_and_flags_override_both(tmp_path):
+    _, defaults = _resolved({})
+    assert defaults["checkpoint"] == "Salesforce/blip-image-captioning-base"
+    env = {"BATCH_SIZE": "3", "EPOCHS": "2", "FT_LR": "0.5", "DATA_DIR": str(tmp_path)}
+    _, from_env = _resolved(env)
+    assert (from_env["batch_size"], from_env["epochs"], from_env["lr"], from_env["data_dir"]) == (3, 2, 0.5, str(tmp_path))
+    _, from_flags = _resolved(env, "--epochs", "7", "--lr", "0.25")
+    assert (from_flags["batch_size"], from_flags["epochs"], from_flags["lr"]) == (3, 7, 0.25)
+
+
+def test_a_malformed_environment_variable_is_one_line_and_status_2():
+    result, _ = _resolved({"BATCH_SIZE": "lots"})
+    assert result.returncode == 2
+    assert result.stderr == "error: environment variable BATCH_SIZE='lots' is not a valid int\n"
