@@ -7,23 +7,23 @@ and metrics.jsonl (written during training).
 """
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.base.report import load_run  # noqa: E402
 
 COLUMNS = ["Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 
 
 def summarize(run_dir):
-    run_dir = Path(run_dir)
-    row = {"run": run_dir.name}
-    scores_file = run_dir / "val_scores.json"
-    if scores_file.is_file():
-        row.update({k: v for k, v in json.loads(scores_file.read_text()).items() if k in COLUMNS})
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-        best = max(rows, key=lambda r: r["CIDEr"])
-        row.update(best_step=best["step"], steps=rows[-1]["step"], minutes=rows[-1].get("elapsed_seconds", 0) / 60)
-    test_file = run_dir / "test_captions.json"
+    run = load_run(run_dir)
+    row = {"run": run["name"], **{k: v for k, v in (run["val_scores"] or {}).items() if k in COLUMNS}}
+    if run["metrics"]:
+        best = max(run["metrics"], key=lambda r: r["CIDEr"])
+        last = run["metrics"][-1]
+        row.update(best_step=best["step"], steps=last["step"], minutes=last.get("elapsed_seconds", 0) / 60)
+    test_file = run["dir"] / "test_captions.json"
     if test_file.is_file():
         row["test_captions"] = len(json.loads(test_file.read_text()))
     return row
@@ -34,7 +34,7 @@ def format_table(rows, markdown=False):
     keys = [k for k in keys if any(k in r for r in rows)]
 
     def cell(value):
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
+        return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
     table = [[k for k in keys]] + [[cell(r.get(k, "")) for k in keys] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(line) + " |" for line in table]

@@ -30,7 +30,6 @@ class Progress:
     loss_sum: float = 0.0         # training loss summed since the last evaluation
     loss_count: int = 0
     captions_seen: int = 0
-    images_skipped: int = 0
     elapsed_seconds: float = 0.0  # wall time of the run (training and validation), summed over resumes
     eval_pending: bool = False    # a validation was due at `step` but a signal cut it short
     nonfinite_in_a_row: int = 0   # skipped updates (NaN/inf loss or gradient)
@@ -49,23 +48,14 @@ def save_training_state(output_dir, model, optimizer, scheduler, scaler, progres
 
     Raises OSError (disk full, no permission) with the previous `state/` untouched.
     """
-    output_dir = Path(output_dir)
-    tmp = output_dir / (STATE_DIR + ".tmp")
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    def write(tmp):
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()},
                    tmp / "optimizer.pt")
         write_json_atomic(tmp / "progress.json", dataclasses.asdict(progress))
         write_json_atomic(tmp / "config.json", dataclasses.asdict(config))
-        fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir_atomic(tmp, output_dir / STATE_DIR)
+    _write_dir_atomic(Path(output_dir) / STATE_DIR, write)
 
 
 def has_training_state(output_dir):
@@ -98,18 +88,26 @@ def load_training_state(output_dir, model, optimizer, scheduler, scaler):
 
 def save_best_model(output_dir, model, processor):
     """Write `best_model/` (full model, or the LoRA adapter) with its processor, atomically."""
-    output_dir = Path(output_dir)
-    tmp = output_dir / (BEST_DIR + ".tmp")
+    def write(tmp):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    _write_dir_atomic(Path(output_dir) / BEST_DIR, write)
+
+
+def _write_dir_atomic(final_dir, write):
+    """`write(tmp)` fills `<final>.tmp/`, which then replaces `final_dir`. On any failure the tmp dir is removed
+    and the error raised, `final_dir` untouched."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        tmp.mkdir(parents=True)
+        write(tmp)
         fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir_atomic(tmp, output_dir / BEST_DIR)
+    replace_dir_atomic(tmp, final_dir)
 
 
 RUN_FILES = [STATE_DIR, STATE_DIR + ".old", STATE_DIR + ".tmp", BEST_DIR, BEST_DIR + ".old", BEST_DIR + ".tmp",

@@ -79,19 +79,26 @@ def load_saved(output_dir):
         raise UserError(f"{path}: run configuration is not valid JSON ({error})")
 
 
+def check_method(saved, method, output_dir):
+    """A run directory belongs to one method: refuse to train, resume or test another method's run in it."""
+    if saved.get("method") != method.name:
+        raise UserError(f"{Path(output_dir) / CONFIG_FILE}: this directory holds a '{saved.get('method')}' run, "
+                        f"not '{method.name}' (use src.{saved.get('method')}.* or another --output-dir)")
+
+
 def resolve(method, args, saved=None):
     """Merge defaults < `saved` (a resumed run's config) < flags the user actually gave."""
     values = defaults(method)
     if saved:
-        if saved.get("method") != method.name:
-            raise UserError(f"{Path(args.output_dir) / CONFIG_FILE}: this directory holds a '{saved.get('method')}' run, "
-                            f"not '{method.name}' (use src.{saved.get('method')}.* or another --output-dir)")
+        check_method(saved, method, args.output_dir or values["output_dir"])
         values.update(saved)
     given = {k: v for k, v in vars(args).items() if v is not None and k in values}
     values.update(given)
-    for key in ("data_dir", "output_dir", "checkpoint"):
-        if Path(values[key]).exists() or key != "checkpoint":
-            values[key] = str(Path(values[key]).expanduser().resolve())
+    # absolute local paths: config.json and a LoRA adapter's base path then work from any directory
+    for key in ("data_dir", "output_dir"):
+        values[key] = str(Path(values[key]).expanduser().resolve())
+    if Path(values["checkpoint"]).exists():  # else a hub name
+        values["checkpoint"] = str(Path(values["checkpoint"]).resolve())
     if args.keep_rejected:
         values["drop_rejected"] = False
     if args.keep_precanned:

@@ -265,8 +265,10 @@ class Trainer:
         """One batch: a training step, then validation or a state save when due. Returns an exit status to stop."""
         p = self.progress
         self._note_bad_images(batch["bad"])
-        if batch["num_captions"] > 0:
-            if not self._step(batch) and p.nonfinite_in_a_row >= C.MAX_NONFINITE_IN_A_ROW:
+        stepped = False
+        if batch["num_captions"] > 0:  # else every image of the batch was unreadable
+            stepped = self._step(batch)
+            if not stepped and p.nonfinite_in_a_row >= C.MAX_NONFINITE_IN_A_ROW:
                 log.error(f"stopping: {p.nonfinite_in_a_row} non-finite losses in a row (lower --lr, or try "
                           f"--precision fp32); the last good state is in {self.output_dir / 'state'}")
                 return EXIT_NONFINITE
@@ -279,7 +281,7 @@ class Trainer:
         if p.step != p.last_eval_step and (eval_due or epoch_ended or self._finished()):
             p.eval_pending = True
             return self._validate()
-        save_due = self.config.save_every > 0 and p.step % self.config.save_every == 0
+        save_due = stepped and self.config.save_every > 0 and p.step % self.config.save_every == 0
         if save_due or time.time() - self.last_save > 60 * self.config.save_every_minutes or self.stop.received:
             self._save_state()
         return self._stop_if_signalled()

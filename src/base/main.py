@@ -37,8 +37,8 @@ def train_main(method, argv=None):
     args = parser.parse_args(argv)
     output_dir = _output_dir(method, args)
     saved = run_config.load_saved(output_dir)
-    if saved and saved.get("method") != method.name:
-        run_config.resolve(method, args, saved)  # raises the one-line "holds a <method> run" error
+    if saved:
+        run_config.check_method(saved, method, output_dir)
     resuming = has_training_state(output_dir) and not args.fresh
     config = _start(method, args, saved if resuming else None, "train.log")
     if resuming:

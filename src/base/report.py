@@ -34,12 +34,17 @@ def save_examples(out_dir, records, predictions, per_image):
     tmp.rename(out_dir)
 
 
-def _captioned(path, lines):
+def _photo(path, width):
+    """The upright photo scaled to `width` pixels across (grey if unreadable)."""
     try:
-        photo = load_image(path)
-        photo = photo.resize((EXAMPLE_WIDTH, max(1, round(photo.height * EXAMPLE_WIDTH / photo.width))))
+        photo = load_image(path, (width, width))
+        return photo.resize((width, max(1, round(photo.height * width / photo.width))))
     except BadImage:
-        photo = Image.new("RGB", (EXAMPLE_WIDTH, EXAMPLE_WIDTH // 2), (128, 128, 128))
+        return Image.new("RGB", (width, width // 2), (128, 128, 128))
+
+
+def _captioned(path, lines):
+    photo = _photo(path, EXAMPLE_WIDTH)
     font = ImageFont.load_default(size=14)
     wrapped = [piece for line in lines for piece in textwrap.wrap(line, 60) or [""]]
     canvas = Image.new("RGB", (EXAMPLE_WIDTH, photo.height + 18 * len(wrapped) + 10), "white")
@@ -85,14 +90,6 @@ def _data_uri(image, quality=85):
     image.save(buffer, format="JPEG" if image.mode == "RGB" else "PNG", quality=quality)
     kind = "jpeg" if image.mode == "RGB" else "png"
     return f"data:image/{kind};base64,{base64.b64encode(buffer.getvalue()).decode()}"
-
-
-def _thumbnail(path, width=320):
-    try:
-        photo = load_image(path, (width, width))
-        return photo.resize((width, max(1, round(photo.height * width / photo.width))))
-    except BadImage:
-        return Image.new("RGB", (width, width // 2), (160, 160, 160))
 
 
 def _curves_png(runs):
@@ -169,7 +166,7 @@ def html_report(run_dirs, title="VizWiz captioning runs"):
         for kind, record in pick_examples(records, per_image):
             references = "".join(f"<li>{escape(c)}</li>" for c in record.captions)
             parts.append(
-                f'<figure class="example" data-kind="{kind}"><img src="{_data_uri(_thumbnail(record.path))}" '
+                f'<figure class="example" data-kind="{kind}"><img src="{_data_uri(_photo(record.path, 320))}" '
                 f'alt="image {record.image_id}"><figcaption><b>{kind}</b> · CIDEr-D '
                 f'{per_image[record.image_id]["CIDEr"]:.3f} · image {record.image_id}<br>'
                 f'<i>predicted:</i> {escape(predictions[record.image_id])}<ul>{references}</ul></figcaption></figure>')
