@@ -286,11 +286,20 @@ class Trainer:
             self._save_state()
         return self._stop_if_signalled()
 
+    def train_batch(self, batch):
+        """One optimizer update on a loader batch, no bookkeeping. Returns (loss, updated)."""
+        return training_step(self.model, batch, self.optimizer, self.scheduler, self.scaler,
+                             self.precision, self.device, self.config.max_grad_norm)
+
+    def caption(self, records, desc="captioning"):
+        """({image_id: caption}, [bad image messages]) for `records`, with the model as it is now."""
+        return caption_records(self.model, records, self.transform, self.processor.tokenizer, self.config,
+                               self.device, self.precision, desc, self.stop)
+
     def _step(self, batch):
         """One update and its bookkeeping. Returns False when it was skipped for a non-finite loss or gradient."""
         p = self.progress
-        loss, updated = training_step(self.model, batch, self.optimizer, self.scheduler, self.scaler,
-                                      self.precision, self.device, self.config.max_grad_norm)
+        loss, updated = self.train_batch(batch)
         if not updated:
             p.nonfinite_in_a_row += 1
             p.nonfinite_total += 1
@@ -320,8 +329,7 @@ class Trainer:
         """Caption and score the validation set; keep best_model/; append to metrics.jsonl; save the state."""
         p, config = self.progress, self.config
         try:
-            predictions, _ = caption_records(self.model, self.val_records, self.transform, self.processor.tokenizer,
-                                             config, self.device, self.precision, "validating", self.stop)
+            predictions, _ = self.caption(self.val_records, "validating")
         except Interrupted:
             self._save_state()
             return self._stop_if_signalled()
