@@ -60,15 +60,34 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def device_hours(row):
+    """GPU-hours (device-hours on the CPU) a run had spent at this metrics line; older runs lack the field."""
+    if "device_hours" in row:
+        return row["device_hours"]
+    return row.get("elapsed_seconds", 0) * row.get("num_processes", 1) / 3600
+
+
+def _hours_label(rows):
+    device = rows[-1].get("device", "cuda") if rows else "cuda"
+    return "GPU-hours" if device.startswith("cuda") else f"device-hours ({device})"
+
+
+def _plot_cider_vs_hours(axis, rows, **style):
+    """One run's validation CIDEr-D against the GPU-hours spent, its best point circled."""
+    axis.plot([device_hours(r) for r in rows], [r["CIDEr"] for r in rows], marker="o", **style)
+    best = max(rows, key=lambda r: r["CIDEr"])
+    axis.scatter([device_hours(best)], [best["CIDEr"]], s=120, facecolors="none", edgecolors="red")
+
+
 def plot_curves(metrics_path, out_png):
-    """Training loss and validation CIDEr-D against optimizer steps, one PNG."""
+    """Training loss and validation CIDEr-D against optimizer steps, and CIDEr-D against GPU-hours, one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
-    fig, (loss_axis, cider_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_axis, cider_axis, cost_axis) = plt.subplots(1, 3, figsize=(15, 4))
     loss_axis.plot(steps, [r["train_loss"] for r in rows], marker="o")
     loss_axis.set(xlabel="step", ylabel="training loss (mean since previous evaluation)", title="training loss")
     cider_axis.plot(steps, [r["CIDEr"] for r in rows], marker="o", color="tab:green")
@@ -76,6 +95,28 @@ def plot_curves(metrics_path, out_png):
     cider_axis.scatter([best["step"]], [best["CIDEr"]], s=120, facecolors="none", edgecolors="red", label="best")
     cider_axis.set(xlabel="step", ylabel="CIDEr-D", title="validation CIDEr-D")
     cider_axis.legend()
+    _plot_cider_vs_hours(cost_axis, rows, color="tab:green")
+    cost_axis.set(xlabel=_hours_label(rows), ylabel="CIDEr-D", title="validation CIDEr-D against compute")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep(runs, out_png, best=None):
+    """Validation CIDEr-D against GPU-hours for several runs, one line each; `runs` is [(name, metrics rows)]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(name, rows) for name, rows in runs if rows]
+    fig, axis = plt.subplots(figsize=(8, 5))
+    for name, rows in runs:
+        _plot_cider_vs_hours(axis, rows, label=f"{name} (best)" if name == best else name,
+                             linewidth=3 if name == best else 1)
+    axis.set(xlabel=_hours_label(runs[0][1] if runs else []), ylabel="validation CIDEr-D",
+             title="validation CIDEr-D against compute (best of each run circled)")
+    if runs:
+        axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
@@ -94,6 +135,7 @@ def _data_uri(image, quality=85):
 
 def _curves_png(runs):
     import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
