@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = _env("DATA_DIR", str(REPO_ROOT / "data" / "vizwiz"))
 RESULTS_DIR = _env("RESULTS_DIR", str(REPO_ROOT / "results"))
 DEMO_DIR = _env("DEMO_DIR", str(REPO_ROOT / "data" / "demo"))
+CACHE_DIR = _env("CACHE_DIR", "")                # image cache (scripts/cache_images.py); "" = <data dir>/cache
 
 # ---- checkpoints (hub names or local directories) ------------------------
 FT_CHECKPOINT = _env("FT_CHECKPOINT", "Salesforce/blip-image-captioning-base")
