@@ -32,7 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from argparse import BooleanOptionalAction
+from argparse import BooleanOptionalAction, RawDescriptionHelpFormatter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,12 +247,13 @@ def write_manifest(sweep):
 # ---------------------------------------------------------------- running
 
 def task_from(task, count):
-    task = task if task is not None else os.environ.get("SGE_TASK_ID")
+    from_sge = task is None
+    task = os.environ.get("SGE_TASK_ID") if from_sge else task
     if task is None:
         raise UserError("which configuration? pass --task I, or submit as an array job (SGE sets SGE_TASK_ID)")
     if not str(task).isdigit() or not 1 <= int(task) <= count:
-        raise UserError(f"task {task!r}: the sweep has configurations 1 to {count} "
-                        f"(SGE_TASK_ID is 'undefined' outside an array job: submit with qsub -t 1-{count})")
+        hint = f" (SGE_TASK_ID is 'undefined' outside an array job: submit with qsub -t 1-{count})" if from_sge else ""
+        raise UserError(f"task {task!r}: the sweep has configurations 1 to {count}{hint}")
     return int(task)
 
 
@@ -336,7 +337,7 @@ def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("list", "show the configurations"), ("run", "run one configuration"),
                             ("local", "run every configuration here, one after another"),
