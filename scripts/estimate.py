@@ -21,7 +21,8 @@ for the profiled batch size, beams, precision and model only: change those and p
 
 Accuracy: tests/test_estimate.py runs this on the demo assets (tiny BLIP, synthetic set) and then the real
 `python -m src.ft.train` with the same flags; the predicted whole run must be within TOLERANCE (40%) of that
-process's measured wall time. Measured on our 2-core CPU: see README.md ("Planning a job").
+process's measured wall time (start to exit). A prediction is only as good as the machine is steady: on a
+CPU that other jobs share, a run's speed changes from minute to minute (see README.md, "Planning a job").
 """
 import time
 
