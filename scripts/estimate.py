@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.base import profiling
 from src.base.config import RunConfig, resolve, training_parser
 from src.base.data import load_split, with_captions
-from src.base.engine import Trainer
+from src.base.engine import Trainer, peak_memory_gb
 from src.base.helpers import UserError, exit_on_user_error, log, setup_logging
 
 TOLERANCE = 0.40      # the demo's predicted whole run is within this fraction of the measured one (tested)
@@ -156,7 +156,7 @@ def measure(method, config, args):
                "train_captions": sum(len(r.captions) for r in trainer.train_records),
                "val_images_all": count_val_images(config), "startup_seconds": startup,
                "warmup_steps": args.warmup_steps, "profile_steps": args.profile_steps, **steps, **validation, **saves,
-               "peak_memory_gb": profiling.peak_memory_gb(device), "largest_batch": None}
+               "peak_memory_gb": peak_memory_gb(device), "largest_batch": None}
     if device.type == "cuda" and args.search_from > 0:
         profile["largest_batch"] = measure_largest_batch(trainer, args)
     return profile
@@ -169,7 +169,7 @@ def measure_largest_batch(trainer, args):
     profiling.reset_peak_memory(trainer.device)
     loader = profiling.loader_with_batch_size(trainer, size)
     steps = profiling.time_training_steps(trainer, min(args.profile_steps, 10), 2, loader)
-    return {"batch_size": size, **steps, "peak_memory_gb": profiling.peak_memory_gb(trainer.device)}
+    return {"batch_size": size, **steps, "peak_memory_gb": peak_memory_gb(trainer.device)}
 
 
 # ---------------------------------------------------------------- re-planning from a saved profile

@@ -14,9 +14,6 @@ from scripts.make_demo_assets import PRETRAIN_TEMPLATES, make_dataset
 from src.base.data import load_split, with_captions
 from src.base.evaluate import score_captions
 
-LEARN = [*FAST, "--lr", "1e-3", "--eval-every", "50", "--max-steps", "300"]
-
-
 def val_cider(result):
     return json.loads(result.stdout.strip().splitlines()[-1])["CIDEr"]
 
@@ -32,13 +29,6 @@ def blind_cider(demo_data):
             counts[caption] = counts.get(caption, 0) + 1
     candidates = sorted(counts, key=counts.get, reverse=True)[:8]
     return max(score_captions(references, {i: c for i in references}, meteor=False)[0]["CIDEr"] for c in candidates)
-
-
-@pytest.fixture(scope="session")
-def ft_run(tmp_path_factory, tiny_blip, demo_data):
-    out = tmp_path_factory.mktemp("runs") / "ft"
-    run_module("src.ft.train", "--data-dir", demo_data, "--checkpoint", tiny_blip, "--output-dir", out, *LEARN)
-    return out
 
 
 @pytest.fixture(scope="session")

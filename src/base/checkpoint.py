@@ -30,7 +30,10 @@ class Progress:
     loss_sum: float = 0.0         # training loss summed since the last evaluation
     loss_count: int = 0
     captions_seen: int = 0
+    images_seen: int = 0
     elapsed_seconds: float = 0.0  # wall time of the run (training and validation), summed over resumes
+    captions_at_last_eval: int = 0
+    elapsed_at_last_eval: float = 0.0
     eval_pending: bool = False    # a validation was due at `step` but a signal cut it short
     nonfinite_in_a_row: int = 0   # skipped updates (NaN/inf loss or gradient)
     nonfinite_total: int = 0

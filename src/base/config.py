@@ -46,6 +46,11 @@ class RunConfig:
     lora_targets: str
     strict: bool
     objective: str = "xe"
+    grad_accum: int = 1
+    grad_checkpointing: bool = False
+    compile: bool = False
+    scst_samples: int = 5
+    scst_baseline: str = "mean"
 
     def save(self):
         write_json_atomic(Path(self.output_dir) / CONFIG_FILE, dataclasses.asdict(self))
@@ -62,7 +67,9 @@ def defaults(method):
         max_new_tokens=C.MAX_NEW_TOKENS, min_new_tokens=C.MIN_NEW_TOKENS, max_caption_tokens=C.MAX_CAPTION_TOKENS,
         num_workers=C.NUM_WORKERS, drop_rejected=C.DROP_REJECTED, drop_precanned=C.DROP_PRECANNED,
         val_max_images=C.VAL_MAX_IMAGES, val_meteor=C.VAL_METEOR, lora_r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT,
-        lora_targets=C.LORA_TARGETS, strict=C.STRICT, objective="xe",
+        lora_targets=C.LORA_TARGETS, strict=C.STRICT, objective="xe", grad_accum=C.GRAD_ACCUM,
+        grad_checkpointing=C.GRAD_CHECKPOINTING, compile=C.COMPILE, scst_samples=C.SCST_SAMPLES,
+        scst_baseline=C.SCST_BASELINE,
     )
 
 
@@ -109,7 +116,8 @@ def resolve(method, args, saved=None):
 
 
 def _check(config):
-    positive = ["batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "max_caption_tokens", "lora_r"]
+    positive = ["batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "max_caption_tokens", "lora_r",
+                "grad_accum", "scst_samples"]
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
@@ -121,6 +129,12 @@ def _check(config):
         raise UserError(f"--lr must be positive, got {config.lr}")
     if config.save_every_minutes <= 0:
         raise UserError(f"--save-every-minutes must be positive, got {config.save_every_minutes}")
+    if config.scst_baseline not in ("mean", "greedy"):
+        raise UserError(f"--scst-baseline must be mean or greedy, got {config.scst_baseline!r}")
+    if config.objective == "scst" and config.scst_baseline == "mean" and config.scst_samples < 2:
+        raise UserError("--scst-baseline mean needs --scst-samples 2 or more (the mean of an image's other samples)")
+    if config.objective == "scst" and config.compile:
+        raise UserError("--compile applies to cross-entropy training only (SCST samples captions each step)")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {config.precision!r}")
 
@@ -133,13 +147,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def training_parser(description, checkpoint_help="starting model: hub name or local directory",
-                    batch_help="images per step; each brings all its kept captions"):
+                    batch_help="images per optimizer step, all GPUs together; each brings all its kept captions"):
     """Flags of train, resume and test (all default to None: 'not given', so saved values survive a resume)."""
     p = ArgumentParser(description=description)
     p.add_argument("--data-dir", help="VizWiz root: annotations/{train,val,test}.json and train/ val/ test/ images")
     p.add_argument("--output-dir", help="where the run writes best_model/, metrics.jsonl, state/, logs")
     p.add_argument("--checkpoint", help=checkpoint_help)
-    p.add_argument("--objective", choices=["xe"], help="training objective: xe = cross-entropy")
+    p.add_argument("--objective", choices=["xe", "scst"],
+                   help="xe: cross-entropy on the reference captions; scst: self-critical training with a CIDEr-D "
+                        "reward, from the fine-tuned model given by --checkpoint")
+    p.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
+    p.add_argument("--scst-baseline", choices=["mean", "greedy"],
+                   help="SCST reward baseline: mean of the image's other samples (default) or its greedy caption")
     p.add_argument("--epochs", type=int, help="passes over every kept caption of the training set")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all; > 0 overrides --epochs")
     p.add_argument("--batch-size", type=int, help=batch_help)
@@ -148,6 +167,13 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
     p.add_argument("--warmup-ratio", type=float, help="fraction of steps for linear warm-up")
     p.add_argument("--lr-schedule", help="transformers scheduler name: cosine, linear, constant_with_warmup, ...")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (0 = off)")
+    p.add_argument("--grad-accum", type=int,
+                   help="split each step's --batch-size images into this many micro-batches: same effective batch "
+                        "and gradient, less memory")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations during backward: much less memory, ~30%% more compute")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training forward (first steps slower while it compiles)")
     p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, else fp32)")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="steps between validations (0 = only at epoch ends)")

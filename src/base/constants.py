@@ -61,7 +61,15 @@ WARMUP_RATIO = _env("WARMUP_RATIO", 0.05)        # fraction of all steps spent w
 LR_SCHEDULE = _env("LR_SCHEDULE", "cosine")      # any transformers.get_scheduler name
 MAX_GRAD_NORM = _env("MAX_GRAD_NORM", 1.0)
 PRECISION = _env("PRECISION", "auto")            # auto | fp32 | bf16 | fp16
+GRAD_ACCUM = _env("GRAD_ACCUM", 1)               # micro-batches per step: same effective batch, less memory
+GRAD_CHECKPOINTING = _env("GRAD_CHECKPOINTING", False)  # recompute activations in backward: less memory, slower
+COMPILE = _env("COMPILE", False)                 # torch.compile the training forward
+COMPILE_BACKEND = _env("COMPILE_BACKEND", "inductor")
 SEED = _env("SEED", 42)
+
+# ---- self-critical sequence training (--objective scst) ----------------------
+SCST_SAMPLES = _env("SCST_SAMPLES", 5)           # captions sampled per image
+SCST_BASELINE = _env("SCST_BASELINE", "mean")    # mean: of the image's other samples; greedy: its greedy caption
 
 # ---- LoRA (src/peft) ---------------------------------------------------------
 LORA_R = _env("LORA_R", 8)

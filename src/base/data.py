@@ -390,6 +390,7 @@ class CaptionCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": input_ids.masked_fill(attention_mask == 0, -100),
+            "image_ids": [s["image_id"] for s in good],
             "num_captions": len(sequences),
             "bad": bad,
         }
@@ -399,11 +400,14 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """Batches of image indices in an order fixed by (seed, epoch) alone, resumable mid-epoch.
 
     Call `set_epoch(epoch, skip_batches)` before iterating: a resumed run skips the batches it
-    already trained on and then sees exactly what an uninterrupted run would.
+    already trained on and then sees exactly what an uninterrupted run would. With several
+    processes (`world`), each batch is split between them and process `rank` gets its share
+    (a batch smaller than `world` is repeated so that every process has an image).
     """
 
-    def __init__(self, num_items, batch_size, seed):
+    def __init__(self, num_items, batch_size, seed, rank=0, world=1):
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world = rank, world
         self.epoch, self.skip_batches = 0, 0
 
     def set_epoch(self, epoch, skip_batches=0):
@@ -418,13 +422,18 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return -(-self.num_items // self.batch_size) - self.skip_batches
 
     def __iter__(self):
-        yield from self.batches(self.epoch)[self.skip_batches:]
+        for batch in self.batches(self.epoch)[self.skip_batches:]:
+            if len(batch) < self.world:
+                batch = (batch * self.world)[: self.world]
+            yield batch[self.rank::self.world]
 
 
 def default_num_workers():
-    """DataLoader workers: the slots SGE granted (NSLOTS) minus one for the training process, at most 16."""
+    """DataLoader workers: this process's share of the slots SGE granted (NSLOTS; torchrun's LOCAL_WORLD_SIZE
+    processes share them) minus one for the training process itself, at most 16."""
     slots = int(os.environ.get("NSLOTS", 0)) or len(os.sched_getaffinity(0))
-    return max(0, min(16, slots - 1))
+    share = slots // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(16, share - 1))
 
 
 def make_loader(dataset, num_workers, collate_fn, batch_sampler=None, batch_size=1):

@@ -6,6 +6,7 @@ schedule, keeps the best model, and saves the full state often enough that a kil
 """
 import json
 import math
+import resource
 import signal
 import sys
 import time
@@ -25,9 +26,11 @@ from .checkpoint import (Progress, clear_run, has_training_state, load_training_
 from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageSet, ImageTransform,
                    caption_token_ids, collate_images, default_num_workers, load_split, make_loader,
                    with_captions)
+from .distributed import Processes
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, log, seed_everything
-from .modeling import caption_loss, decoder_token_ids, generate_captions, load_processor, parameter_summary
+from .modeling import decoder_token_ids, enable_activation_checkpointing, generate_captions, load_processor, parameter_summary
+from .objectives import CrossEntropy, make_objective
 
 METRICS_FILE = "metrics.jsonl"
 EXIT_STOPPED = 99     # stopped by a signal after saving its state; SGE requeues a job that exits with 99
@@ -46,8 +49,15 @@ class Method:
 
 # ---------------------------------------------------------------- devices and precision
 
-def pick_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def peak_memory_gb(device):
+    """Peak GPU memory allocated by this process, or its peak resident memory on the CPU, in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def resolve_precision(precision, device):
@@ -149,24 +159,75 @@ def _optimizer(model, config):
     return torch.optim.AdamW(groups, lr=config.lr, fused=fused or None)
 
 
-def training_step(model, batch, optimizer, scheduler, scaler, precision, device, max_grad_norm):
-    """Forward, backward, clip, update. Returns (loss, updated).
+class LossModule(torch.nn.Module):
+    """The captioner with an objective's loss as forward(): the module DDP wraps, so that it syncs the gradients."""
 
+    def __init__(self, captioner):
+        super().__init__()
+        self.captioner = captioner
+
+    def forward(self, objective, batch):
+        return objective.loss(self.captioner, batch)
+
+
+def micro_batches(batch, parts):
+    """Split a training batch by images into `parts` smaller ones (fewer if it has fewer images); each image
+    keeps all its captions, and each part is padded only to its own longest caption."""
+    num_images = batch["pixel_values"].shape[0]
+    parts = max(1, min(parts, num_images))
+    if parts == 1:
+        return [batch]
+    sizes = [num_images // parts + (i < num_images % parts) for i in range(parts)]
+    caption_ends = [0] + batch["captions_per_image"].cumsum(0).tolist()
+    result, first = [], 0
+    for size in sizes:
+        last = first + size
+        rows = slice(caption_ends[first], caption_ends[last])
+        longest = int(batch["attention_mask"][rows].sum(1).max())
+        result.append({"pixel_values": batch["pixel_values"][first:last],
+                       "captions_per_image": batch["captions_per_image"][first:last],
+                       "input_ids": batch["input_ids"][rows, :longest],
+                       "attention_mask": batch["attention_mask"][rows, :longest],
+                       "labels": batch["labels"][rows, :longest],
+                       "image_ids": batch["image_ids"][first:last],
+                       "num_captions": rows.stop - rows.start, "bad": []})
+        first = last
+    return result
+
+
+def training_step(model, batch, optimizer, scheduler, scaler, precision, device, max_grad_norm,
+                  objective=None, grad_accum=1, processes=None):
+    """Forward and backward in `grad_accum` micro-batches, clip, update. Returns (loss, updated).
+
+    `model` is a LossModule (DDP-wrapped when there are several processes). Each micro-batch's mean
+    loss is weighted by its share of the step's units (caption tokens, or SCST samples) over all
+    processes, so the gradient, and the loss reported, are those of the whole batch at once.
     `updated` is False when the loss or the gradient is not finite: nothing changes then (with an
     fp16 loss scaler, infinite gradients are the scaler's business and only the loss is checked).
     """
+    objective = objective or CrossEntropy()
+    world = processes.world if processes else 1
     model.train()
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    with autocast(precision, device):
-        loss = caption_loss(model, batch)
+    parts = micro_batches(batch, grad_accum)
+    units = [objective.units(part) for part in parts]
+    total_units = processes.sum([sum(units)])[0] if processes else sum(units)
+    loss_sum = torch.zeros((), device=device)
+    for i, (part, part_units) in enumerate(zip(parts, units)):
+        part = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in part.items()}
+        last = i == len(parts) - 1
+        with processes.no_sync(model, skip=not last) if processes else nullcontext():
+            with autocast(precision, device):
+                loss = model(objective, part) * (part_units * world / total_units)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach().float()
+    loss_value = loss_sum.item()
+    if processes:
+        loss_value = processes.sum([loss_value])[0] / world
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     trainable = [q for q in model.parameters() if q.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
-    if not torch.isfinite(loss) or (scaler is None and not torch.isfinite(grad_norm)):
+    if not math.isfinite(loss_value) or (scaler is None and not torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
@@ -178,14 +239,15 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item(), True
+    return loss_value, True
 
 
 class Trainer:
     def __init__(self, method, config, fresh=False):
         self.config, self.fresh = config, fresh
         self.output_dir = Path(config.output_dir)
-        self.device = pick_device()
+        self.processes = Processes()  # one, or several under accelerate launch / torchrun
+        self.device = self.processes.device
         self.precision = resolve_precision(config.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -199,11 +261,19 @@ class Trainer:
             self.val_records = self.val_records[: config.val_max_images]
         self.processor = load_processor(config.checkpoint)
         self.model = method.build(config).to(self.device)
+        if config.grad_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.objective = make_objective(config, self.train_records, self.processor.tokenizer)
+        loss_model = LossModule(self.model)
+        if config.compile:  # the training loss only (caption lengths vary: dynamic shapes); generation runs eagerly
+            loss_model.compile(dynamic=True, backend=C.COMPILE_BACKEND)
+        self.loss_model = self.processes.wrap(loss_model)
         bos, eos, pad = decoder_token_ids(self.model)
         self.transform = ImageTransform(self.processor.image_processor)
         tokens = caption_token_ids(self.processor.tokenizer, self.train_records, config.max_caption_tokens, bos, eos)
         train_set = CaptionTrainingSet(self.train_records, self.transform, tokens)
-        self.sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed)
+        self.sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed,
+                                         self.processes.rank, self.processes.world)
         self.loader = make_loader(train_set, num_workers(config), CaptionCollator(pad), batch_sampler=self.sampler)
         self.steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
         self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.steps_per_epoch
@@ -222,10 +292,12 @@ class Trainer:
     def run(self):
         """Train to the end (exit status 0), or until a signal (EXIT_STOPPED) or a non-finite streak (EXIT_NONFINITE)."""
         p = self.progress
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.fresh:
-            clear_run(self.output_dir)
-        self.config.save()
+        if self.processes.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.fresh:
+                clear_run(self.output_dir)
+            self.config.save()
+        self.processes.wait()
         if has_training_state(self.output_dir):
             self.progress = p = load_training_state(self.output_dir, self.model, self.optimizer, self.scheduler,
                                                     self.scaler)
@@ -236,14 +308,17 @@ class Trainer:
         log.info(f"{len(self.train_records)} training images "
                  f"({sum(len(r.captions) for r in self.train_records)} captions), {len(self.val_records)} validation "
                  f"images; {self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all; "
-                 f"device {self.device}, precision {self.precision}")
+                 f"device {self.device}" + (f" x {self.processes.world} processes" if self.processes.world > 1 else "") +
+                 f", precision {self.precision}, objective {self.objective.name}"
+                 + (f", {self.config.grad_accum} micro-batches per step" if self.config.grad_accum > 1 else ""))
         if self._finished() and not p.eval_pending:
             log.info(f"nothing to do: the run already reached step {p.step} of {self.total_steps}")
             return 0
 
         self.clock = self.last_save = time.time()
         with StopSignals() as self.stop, tqdm(total=self.total_steps, initial=p.step, desc="training",
-                                              dynamic_ncols=True, mininterval=_tqdm_interval()) as self.bar:
+                                              dynamic_ncols=True, mininterval=_tqdm_interval(),
+                                              disable=not self.processes.is_main) as self.bar:
             status = self._validate() if p.eval_pending else None  # a validation a signal cut short
             while status is None and not self._finished():
                 self.sampler.set_epoch(p.epoch, p.batch_in_epoch)
@@ -251,6 +326,7 @@ class Trainer:
                     status = self._consume(batch)
                     if status is not None or self._finished():
                         break
+        self.processes.wait()
         if status is not None:
             return status
         log.info(f"done: best validation CIDEr {p.best_cider:.4f} at step {p.best_step}; "
@@ -264,10 +340,14 @@ class Trainer:
     def _consume(self, batch):
         """One batch: a training step, then validation or a state save when due. Returns an exit status to stop."""
         p = self.progress
-        self._note_bad_images(batch["bad"])
+        # with several processes, all must agree on what the batch held (and later, on saving and stopping)
+        captions, images, empty, bad = self.processes.sum([batch["num_captions"], len(batch.get("image_ids", [])),
+                                                           batch["num_captions"] == 0, len(batch["bad"])])
+        if bad:
+            self._note_bad_images(self.processes.gather(batch["bad"]))
         stepped = False
-        if batch["num_captions"] > 0:  # else every image of the batch was unreadable
-            stepped = self._step(batch)
+        if not empty:  # else every image of the batch (of some process) was unreadable
+            stepped = self._step(batch, int(captions), int(images))
             if not stepped and p.nonfinite_in_a_row >= C.MAX_NONFINITE_IN_A_ROW:
                 log.error(f"stopping: {p.nonfinite_in_a_row} non-finite losses in a row (lower --lr, or try "
                           f"--precision fp32); the last good state is in {self.output_dir / 'state'}")
@@ -282,21 +362,33 @@ class Trainer:
             p.eval_pending = True
             return self._validate()
         save_due = stepped and self.config.save_every > 0 and p.step % self.config.save_every == 0
-        if save_due or time.time() - self.last_save > 60 * self.config.save_every_minutes or self.stop.received:
+        (save_by_clock,) = self._agree_on_stop(time.time() - self.last_save > 60 * self.config.save_every_minutes)
+        if save_due or save_by_clock or self.stop.received:
             self._save_state()
         return self._stop_if_signalled()
 
     def train_batch(self, batch):
         """One optimizer update on a loader batch, no bookkeeping. Returns (loss, updated)."""
-        return training_step(self.model, batch, self.optimizer, self.scheduler, self.scaler,
-                             self.precision, self.device, self.config.max_grad_norm)
+        return training_step(self.loss_model, batch, self.optimizer, self.scheduler, self.scaler, self.precision,
+                             self.device, self.config.max_grad_norm, self.objective, self.config.grad_accum,
+                             self.processes)
 
     def caption(self, records, desc="captioning"):
-        """({image_id: caption}, [bad image messages]) for `records`, with the model as it is now."""
-        return caption_records(self.model, records, self.transform, self.processor.tokenizer, self.config,
-                               self.device, self.precision, desc, self.stop)
+        """({image_id: caption}, [bad image messages]) for `records`, with the model as it is now.
 
-    def _step(self, batch):
+        With several processes each captions its share and all get every caption; a stop signal
+        then waits for the end of the pass (the processes must finish it together).
+        """
+        stop = self.stop if self.processes.world == 1 else None
+        predictions, bad = caption_records(self.model, self.processes.shard(records), self.transform,
+                                           self.processor.tokenizer, self.config, self.device, self.precision, desc,
+                                           stop)
+        if self.processes.world > 1:
+            predictions = dict(self.processes.gather(list(predictions.items())))
+            bad = self.processes.gather(bad)
+        return predictions, bad
+
+    def _step(self, batch, captions, images):
         """One update and its bookkeeping. Returns False when it was skipped for a non-finite loss or gradient."""
         p = self.progress
         loss, updated = self.train_batch(batch)
@@ -310,7 +402,8 @@ class Trainer:
         p.nonfinite_in_a_row = 0
         p.loss_sum += loss
         p.loss_count += 1
-        p.captions_seen += batch["num_captions"]
+        p.captions_seen += captions
+        p.images_seen += images
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{p.loss_sum / p.loss_count:.4f}")
         return True
@@ -327,12 +420,26 @@ class Trainer:
 
     def _validate(self):
         """Caption and score the validation set; keep best_model/; append to metrics.jsonl; save the state."""
-        p, config = self.progress, self.config
+        p = self.progress
+        self._tick()
+        train_seconds = p.elapsed_seconds - p.elapsed_at_last_eval  # since the previous validation
         try:
             predictions, _ = self.caption(self.val_records, "validating")
         except Interrupted:
             self._save_state()
             return self._stop_if_signalled()
+        if self.processes.is_main:  # the others wait for it at the next step
+            self._score_and_record(predictions, train_seconds)
+        p.loss_sum, p.loss_count, p.last_eval_step, p.eval_pending = 0.0, 0, p.step, False
+        p.bad_images_reported = len(p.bad_images)
+        p.captions_at_last_eval, p.elapsed_at_last_eval = p.captions_seen, p.elapsed_seconds
+        self._agree_on_stop()
+        self._save_state()
+        return self._stop_if_signalled()
+
+    def _score_and_record(self, predictions, train_seconds):
+        """Score the validation captions, keep the best model, append a line to metrics.jsonl."""
+        p, config = self.progress, self.config
         references = {r.image_id: r.captions for r in self.val_records}
         scores, per_image, tokenizer = score_captions(references, predictions, meteor=config.val_meteor)
         self._tick()
@@ -341,18 +448,22 @@ class Trainer:
             p.best_cider, p.best_step = scores["CIDEr"], p.step
         line = {"step": p.step, "epoch": round(p.epoch + p.batch_in_epoch / self.steps_per_epoch, 4),
                 "train_loss": p.loss_sum / max(p.loss_count, 1), "lr": self.scheduler.get_last_lr()[0],
-                **scores, "best_CIDEr": p.best_cider, "is_best": is_best, "captions_seen": p.captions_seen,
+                **self.objective.take_stats(), **scores, "best_CIDEr": p.best_cider, "is_best": is_best,
+                "captions_seen": p.captions_seen, "images_seen": p.images_seen,
                 "images_skipped": len(p.bad_images), "bad_images_new": p.bad_images[p.bad_images_reported:],
                 "nonfinite_steps": p.nonfinite_total, "tokenizer": tokenizer,
-                "elapsed_seconds": round(p.elapsed_seconds, 1)}
+                # compute spent, so that runs can be compared by score per GPU-hour
+                "elapsed_seconds": round(p.elapsed_seconds, 1),
+                "train_captions_per_second": round((p.captions_seen - p.captions_at_last_eval) / max(train_seconds, 1e-9), 2),
+                "val_seconds": round(p.elapsed_seconds - p.elapsed_at_last_eval - train_seconds, 1),
+                "peak_memory_gb": round(peak_memory_gb(self.device), 3), "device": device_name(self.device),
+                "num_processes": self.processes.world,
+                "device_hours": round(p.elapsed_seconds * self.processes.world / 3600, 5)}
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
         report.plot_curves(self.output_dir / METRICS_FILE, self.output_dir / "curves.png")
-        log.info(f"step {p.step}: {format_scores(scores)}" + ("  (new best, saved best_model/)" if is_best else ""))
-        p.loss_sum, p.loss_count, p.last_eval_step, p.eval_pending = 0.0, 0, p.step, False
-        p.bad_images_reported = len(p.bad_images)
-        self._save_state()
-        return self._stop_if_signalled()
+        log.info(f"step {p.step}: {format_scores(scores)}" + ("  (new best, saved best_model/)" if is_best else "")
+                 + (f"  mean sampled reward {line['train_reward']:.4f}" if "train_reward" in line else ""))
 
     def _save_best(self, predictions, per_image):
         try:
@@ -367,12 +478,22 @@ class Trainer:
     def _save_state(self):
         self._tick()
         self.last_save = time.time()  # after a failure too: retry at the next due save, not every batch
+        if not self.processes.is_main:
+            return
         try:
             save_training_state(self.output_dir, self.model, self.optimizer, self.scheduler, self.scaler,
                                 self.progress, self.config)
         except OSError as error:
             log.error(f"could not save the training state to {self.output_dir / 'state'} ({error}); "
                       f"the previous state is kept")
+
+    def _agree_on_stop(self, *values):
+        """Sum `values` over the processes, and share the stop flag: one signalled process stops them all at the
+        same step (each checks the flag after its step, so a signal during a step is seen before the save)."""
+        *totals, stop = self.processes.sum([*values, bool(self.stop.received)])
+        if stop and not self.stop.received:
+            self.stop.received = "a stop signal sent to another process"
+        return totals
 
     def _stop_if_signalled(self):
         if not self.stop.received:

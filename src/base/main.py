@@ -1,14 +1,17 @@
 """The train / resume / test commands, shared by src.ft and src.peft (which only pass their Method)."""
 import json
+import os
 from pathlib import Path
 
 from . import config as run_config
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
-from .engine import Trainer, caption_records, pick_device, resolve_precision
+from .distributed import Processes, main_process
+from .engine import Trainer, caption_records, resolve_precision
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
 from .modeling import load_processor
+from .profiling import find_batch_size
 
 def _output_dir(method, args):
     return Path(args.output_dir or run_config.defaults(method)["output_dir"])
@@ -20,12 +23,12 @@ def _start(method, args, saved, log_name):
     output_dir = Path(config.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
+        probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
         raise UserError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error})")
-    setup_logging(output_dir / log_name)
+    setup_logging(output_dir / log_name if main_process() else None)  # one log file, written by rank 0
     return config
 
 
@@ -34,6 +37,9 @@ def train_main(method, argv=None):
     parser = run_config.training_parser(f"Train a BLIP captioner ({method.name}) on VizWiz-Captions.")
     parser.add_argument("--fresh", action="store_true",
                         help="start over even if --output-dir holds a run (deletes its state, metrics and best model)")
+    parser.add_argument("--find-batch-size", nargs="?", type=int, const=256, metavar="START",
+                        help="GPU, new runs: train with the largest --batch-size that fits, searched by halving from "
+                             "START (256)")
     args = parser.parse_args(argv)
     output_dir = _output_dir(method, args)
     saved = run_config.load_saved(output_dir)
@@ -43,6 +49,11 @@ def train_main(method, argv=None):
     config = _start(method, args, saved if resuming else None, "train.log")
     if resuming:
         log.info(f"{output_dir} holds a run: resuming it (pass --fresh to start over)")
+    elif args.find_batch_size:
+        if not main_process() or os.environ.get("WORLD_SIZE", "1") != "1":
+            raise UserError("--find-batch-size: search on one GPU (plain python -m ...), then launch the processes "
+                            "with the --batch-size it finds")
+        config.batch_size = find_batch_size(method, config, start=args.find_batch_size)
     return Trainer(method, config, fresh=args.fresh).run()
 
 
@@ -79,7 +90,8 @@ def test_main(method, argv=None):
     if not args.checkpoint and not Path(checkpoint).is_dir():
         raise UserError(f"{checkpoint}: no best model here; train first (python -m src.{method.name}.train) "
                         f"or pass --checkpoint")
-    device = pick_device()
+    processes = Processes()  # under accelerate launch / torchrun each process captions a share
+    device = processes.device
     precision = resolve_precision(config.precision, device)
     processor = load_processor(checkpoint)
     model = method.load_best(checkpoint).to(device)
@@ -88,8 +100,11 @@ def test_main(method, argv=None):
         records = with_captions(records)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
              f"(beams {config.num_beams}, batch {config.eval_batch_size}, precision {precision})")
-    predictions, bad = caption_records(model, records, ImageTransform(processor.image_processor), processor.tokenizer,
-                                       config, device, precision, f"captioning {args.split}")
+    predictions, bad = caption_records(model, processes.shard(records), ImageTransform(processor.image_processor),
+                                       processor.tokenizer, config, device, precision, f"captioning {args.split}")
+    predictions, bad = dict(processes.gather(list(predictions.items()))), processes.gather(bad)
+    if not processes.is_main:
+        return 0
     captions = [{"image_id": r.image_id, "caption": predictions[r.image_id]} for r in records]
     out_file = output_dir / f"{args.split}_captions.json"
     write_json_atomic(out_file, captions)

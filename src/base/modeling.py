@@ -65,6 +65,14 @@ def core_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def enable_activation_checkpointing(model):
+    """Recompute each layer's activations during backward: far less memory for about a third more compute.
+
+    Non-reentrant checkpointing, so LoRA's adapters get gradients although the layers' inputs need none.
+    """
+    core_model(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def parameter_summary(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -113,6 +121,42 @@ def generate_captions(model, pixel_values, tokenizer, num_beams, max_new_tokens,
         do_sample=False,
     )
     return [caption.strip() for caption in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def sample_sequences(model, image_embeds, samples_per_image, max_new_tokens, greedy=False):
+    """Token ids of captions drawn from the decoder (pure sampling, or greedy), `samples_per_image` per image.
+
+    `image_embeds` are the vision encoder's outputs, so that a training step that also needs
+    them with gradients encodes each image once. Rows are grouped by image: image 0's samples first.
+    """
+    blip = core_model(model)
+    bos, eos, pad = decoder_token_ids(model)
+    embeds = image_embeds.repeat_interleave(samples_per_image, dim=0)
+    start = torch.full((embeds.shape[0], 1), bos, dtype=torch.long, device=embeds.device)
+    sampling = dict(do_sample=False, num_beams=1) if greedy else dict(do_sample=True, num_beams=1, top_k=0, top_p=1.0,
+                                                                       temperature=1.0)
+    return blip.text_decoder.generate(
+        input_ids=start, eos_token_id=eos, pad_token_id=pad, max_new_tokens=max_new_tokens, min_new_tokens=0,
+        encoder_hidden_states=embeds, encoder_attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                        device=embeds.device), **sampling)
+
+
+def sequence_log_probs(model, image_embeds, sequences):
+    """Log-probability of each generated caption (its tokens up to and including the first end token), with gradients.
+
+    `image_embeds` has one row per sequence. Tokens after the end token are padding and do not count.
+    """
+    blip = core_model(model)
+    _, eos, _ = decoder_token_ids(model)
+    targets = sequences[:, 1:]
+    is_end = (targets == eos).long()
+    counted = (is_end.cumsum(dim=1) - is_end) == 0  # up to and including the first end token
+    attention_mask = torch.cat([torch.ones_like(targets[:, :1]), counted.long()], dim=1)
+    logits = blip.text_decoder(input_ids=sequences, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                               return_logits=True, use_cache=False)
+    token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)
+    return (token_log_probs * counted).sum(dim=1)
 
 
 def add_lora(model, r, alpha, dropout, targets):

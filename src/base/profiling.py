@@ -7,7 +7,6 @@ synchronisation included.
 """
 import gc
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -44,14 +43,6 @@ def timed(work, device):
 def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gb(device):
-    """GPU: the most memory tensors held since the last reset (torch.cuda.max_memory_allocated).
-    CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def release_gpu_memory():

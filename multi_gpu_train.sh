@@ -1,0 +1,63 @@
+#!/bin/bash
+# Training on several GPUs of one node: one process per GPU (PyTorch DDP through accelerate), started by torchrun.
+#   qsub -l gpu=4 multi_gpu_train.sh ft   [flags for src.ft.train]     e.g. --batch-size 64 --lr 4e-5
+#   qsub -l gpu=2 multi_gpu_train.sh peft [flags for src.peft.train]
+#   NGPUS=2 bash multi_gpu_train.sh ft ...                              (a workstation; on a CPU: 2 gloo processes)
+# --batch-size is the images per optimizer step over all GPUs together, so a run with the same flags on 1 or N
+# GPUs trains on the same batches; each GPU takes its share (set --grad-accum if a share does not fit).
+# Processes: the number of GPUs SGE granted (CUDA_VISIBLE_DEVICES), else all of the node's, or NGPUS.
+#
+# Preemption: SGE's -notify signals (SIGUSR1/SIGUSR2) and SIGTERM are passed to the training processes, which
+# finish their step together, save the state once (rank 0 writes, as for everything) and stop; this job then exits
+# with status 99 so that SGE requeues it, and the requeued job resumes the run by itself.
+# Resource names (-l gpu=N, -pe smp) differ between clusters: check `qconf -sc`.
+#$ -N blip_multi
+#$ -cwd
+#$ -j y
+#$ -o logs/$JOB_NAME.$JOB_ID.log
+#$ -l gpu=4
+#$ -pe smp 32
+#$ -l h_rt=24:00:00
+#$ -notify
+set -uo pipefail
+method="${1:-}"
+if [ "$method" != ft ] && [ "$method" != peft ]; then
+    echo "usage: multi_gpu_train.sh ft|peft [flags for src.<method>.train]" >&2
+    exit 2
+fi
+shift
+cd "${SGE_O_WORKDIR:-$(dirname "$0")}" && source scripts/job_env.sh || exit 2
+
+if [ -n "${NGPUS:-}" ]; then
+    gpus="$NGPUS"
+elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    gpus=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+else
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c GPU)
+fi
+if [ "${gpus:-0}" -lt 1 ]; then
+    echo "error: no GPU found (set NGPUS to the number of processes to start)" >&2
+    exit 2
+fi
+echo "starting $gpus training processes"
+
+# not exec: this shell stays to pass SGE's signals to the training processes (torchrun would die of SIGUSR1)
+python -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m "src.$method.train" "$@" &
+launcher=$!
+signalled=""
+forward() { signalled="$1"; pkill "-$1" -P "$launcher"; }
+trap 'forward USR1' USR1
+trap 'forward USR2' USR2
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+# wait returns early when a trapped signal arrives: keep waiting while the launcher runs
+while true; do
+    wait "$launcher"
+    status=$?
+    kill -0 "$launcher" 2>/dev/null || break
+done
+if [ -n "$signalled" ]; then
+    echo "stopped by SIG$signalled after saving the state: exit 99 (SGE requeues the job; it resumes by itself)"
+    exit 99
+fi
+exit "$status"

@@ -1,0 +1,56 @@
+"""CIDEr-D as a training reward: pycocoevalcap's formula, with the n-gram document frequencies fixed
+once from the training references (as self-critical.pytorch does) instead of recomputed per batch.
+
+Captions are compared as space-separated tokens, as pycocoevalcap compares them after its PTB
+tokenisation. With the same tokens and the same references, `CiderD.score` equals
+pycocoevalcap's per-image CIDEr (tests/test_scst.py checks it).
+"""
+import math
+from collections import Counter
+
+import numpy as np
+
+N, SIGMA = 4, 6.0  # n-grams up to 4, length-penalty width: pycocoevalcap's defaults
+
+
+def ngram_counts(tokens, n=N):
+    words = tokens.split()
+    return Counter(tuple(words[i: i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+class CiderD:
+    """CIDEr-D of candidate captions against fixed references {image_id: [tokenised captions]}."""
+
+    def __init__(self, references):
+        self.document_frequency = Counter()
+        for captions in references.values():
+            self.document_frequency.update({gram for caption in captions for gram in ngram_counts(caption)})
+        self.log_num_images = math.log(float(len(references)))
+        self.references = {image_id: [self._vector(ngram_counts(c)) for c in captions]
+                           for image_id, captions in references.items()}
+
+    def _vector(self, counts):
+        """tf-idf weights per n-gram order, their norms, and the caption's length in words."""
+        vec = [{} for _ in range(N)]
+        for gram, tf in counts.items():
+            vec[len(gram) - 1][gram] = tf * (self.log_num_images - math.log(max(1.0, self.document_frequency[gram])))
+        norms = [math.sqrt(sum(w * w for w in order.values())) for order in vec]
+        return vec, norms, sum(tf for gram, tf in counts.items() if len(gram) == 1)
+
+    def score(self, image_id, candidate):
+        """CIDEr-D (x10, as reported) of one tokenised candidate against the references of `image_id`."""
+        vec, norms, length = self._vector(ngram_counts(candidate))
+        references = self.references[image_id]
+        total = 0.0
+        for ref_vec, ref_norms, ref_length in references:
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * SIGMA ** 2))
+            for order in range(N):
+                ref = ref_vec[order]
+                overlap = sum(min(w, ref.get(g, 0.0)) * ref.get(g, 0.0) for g, w in vec[order].items())
+                if norms[order] != 0 and ref_norms[order] != 0:
+                    overlap /= norms[order] * ref_norms[order]
+                total += overlap * penalty
+        return 10.0 * total / N / len(references)
+
+    def scores(self, image_ids, candidates):
+        return np.array([self.score(i, c) for i, c in zip(image_ids, candidates)])

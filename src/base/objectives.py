@@ -1,0 +1,86 @@
+"""What a training step minimises: cross-entropy on the reference captions, or self-critical sequence training.
+
+An objective has `loss(model, batch)` (a mean over the batch's units, with gradients) and
+`units(batch)` (how many units that mean is over). The engine weights each micro-batch, and each
+process, by its share of the units, so that gradient accumulation and several GPUs give the
+gradient of one large batch.
+"""
+import time
+
+import numpy as np
+import torch
+
+from .cider import CiderD
+from .modeling import caption_loss, core_model, sample_sequences, sequence_log_probs
+from .ptb import python_tokenize
+
+
+class CrossEntropy:
+    """Mean cross-entropy over the caption tokens of the batch (teacher forcing)."""
+    name = "xe"
+
+    def units(self, batch):
+        return int((batch["labels"][:, 1:] != -100).sum())  # the tokens the decoder predicts
+
+    def loss(self, model, batch):
+        return caption_loss(model, batch)
+
+    def take_stats(self):
+        return {}
+
+
+class SelfCritical:
+    """Self-critical sequence training (Rennie et al., 2017) with a CIDEr-D reward.
+
+    For each image: draw `samples` captions, reward each with its CIDEr-D against the image's
+    references (document frequencies from all training references, computed once), subtract a
+    baseline (the mean reward of the image's other samples, or the reward of its greedy caption),
+    and follow the policy gradient: loss = -(reward - baseline) * log p(caption), averaged.
+    """
+    name = "scst"
+
+    def __init__(self, train_records, tokenizer, samples, baseline, max_new_tokens):
+        if baseline == "mean" and samples < 2:
+            raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
+        self.tokenizer, self.samples, self.baseline, self.max_new_tokens = tokenizer, samples, baseline, max_new_tokens
+        self.cider = CiderD({r.image_id: [python_tokenize(c) for c in r.captions] for r in train_records})
+        self.stats = {"reward_sum": 0.0, "rewards": 0, "reward_seconds": 0.0}
+
+    def units(self, batch):
+        return batch["pixel_values"].shape[0] * self.samples
+
+    def rewards(self, image_ids, sequences):
+        """CIDEr-D of each decoded caption; `image_ids` has one entry per sequence."""
+        started = time.perf_counter()
+        captions = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        scores = self.cider.scores(image_ids, [python_tokenize(c) for c in captions])
+        self.stats["reward_seconds"] += time.perf_counter() - started
+        return scores
+
+    def loss(self, model, batch):
+        image_embeds = core_model(model).vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+        image_ids = np.repeat(batch["image_ids"], self.samples)
+        sequences = sample_sequences(model, image_embeds.detach(), self.samples, self.max_new_tokens)
+        rewards = self.rewards(image_ids, sequences).reshape(-1, self.samples)
+        if self.baseline == "greedy":
+            greedy = sample_sequences(model, image_embeds.detach(), 1, self.max_new_tokens, greedy=True)
+            baseline = self.rewards(batch["image_ids"], greedy)[:, None]
+        else:  # mean of the image's other samples: unbiased, and costs no extra decoding
+            baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (self.samples - 1)
+        self.stats["reward_sum"] += float(rewards.sum())
+        self.stats["rewards"] += rewards.size
+        advantage = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32, device=sequences.device)
+        log_probs = sequence_log_probs(model, image_embeds.repeat_interleave(self.samples, dim=0), sequences)
+        return -(advantage * log_probs).mean()
+
+    def take_stats(self):
+        """Mean sampled reward and seconds spent computing rewards since the last call."""
+        stats, self.stats = self.stats, {"reward_sum": 0.0, "rewards": 0, "reward_seconds": 0.0}
+        return {"train_reward": stats["reward_sum"] / max(stats["rewards"], 1),
+                "reward_seconds": round(stats["reward_seconds"], 3)}
+
+
+def make_objective(config, train_records, tokenizer):
+    if config.objective == "scst":
+        return SelfCritical(train_records, tokenizer, config.scst_samples, config.scst_baseline, config.max_new_tokens)
+    return CrossEntropy()
