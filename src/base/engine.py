@@ -301,7 +301,8 @@ class Trainer:
         if has_training_state(self.output_dir):
             self.progress = p = load_training_state(self.output_dir, self.model, self.optimizer, self.scheduler,
                                                     self.scaler)
-            _truncate_metrics(self.output_dir, p.step)
+            if self.processes.is_main:
+                _truncate_metrics(self.output_dir, p.step)
             log.info(f"resumed from {self.output_dir / 'state'} at step {p.step} (epoch {p.epoch}, "
                      f"batch {p.batch_in_epoch}, best CIDEr {p.best_cider:.4f})")
         log.info(parameter_summary(self.model))
