@@ -49,3 +49,11 @@ def test_report_renders_in_headless_chromium_with_table_curves_and_gallery(tmp_p
     loaded = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
     assert loaded == len(figures) + 1  # every gallery image and the curves decoded in the browser
     assert images >= 13
+
+
+def test_compute_axis_says_gpu_hours_for_a_named_gpu_and_device_hours_on_the_cpu():
+    from src.base.report import _hours_label, device_hours
+    gpu_rows = [{"device": "NVIDIA H100 80GB HBM3", "device_hours": 0.5}]  # metrics.jsonl names the GPU
+    assert _hours_label(gpu_rows) == "GPU-hours"
+    assert _hours_label([{"device": "cpu"}]) == "device-hours (cpu)"
+    assert device_hours({"elapsed_seconds": 7200, "num_processes": 2}) == 4.0  # an older line without the field

@@ -69,7 +69,7 @@ def device_hours(row):
 
 def _hours_label(rows):
     device = rows[-1].get("device", "cuda") if rows else "cuda"
-    return "GPU-hours" if device.startswith("cuda") else f"device-hours ({device})"
+    return f"device-hours ({device})" if device == "cpu" else "GPU-hours"  # on GPUs, the GPU's name
 
 
 def _plot_cider_vs_hours(axis, rows, **style):
