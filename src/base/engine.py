@@ -141,6 +141,18 @@ def caption_records(model, records, transform, tokenizer, config, device, precis
     return predictions, bad
 
 
+def caption_in_shares(processes, model, records, transform, tokenizer, config, device, precision, desc, stop=None):
+    """caption_records over this process's share of `records`; every process gets all the captions.
+
+    With several processes a stop signal waits for the end of the pass (they must finish it together).
+    """
+    predictions, bad = caption_records(model, processes.shard(records), transform, tokenizer, config, device,
+                                       precision, desc, stop if processes.world == 1 else None)
+    if processes.world > 1:
+        predictions, bad = dict(processes.gather(list(predictions.items()))), processes.gather(bad)
+    return predictions, bad
+
+
 # ---------------------------------------------------------------- training
 
 def _load_records(config, split):
@@ -375,19 +387,9 @@ class Trainer:
                              self.processes)
 
     def caption(self, records, desc="captioning"):
-        """({image_id: caption}, [bad image messages]) for `records`, with the model as it is now.
-
-        With several processes each captions its share and all get every caption; a stop signal
-        then waits for the end of the pass (the processes must finish it together).
-        """
-        stop = self.stop if self.processes.world == 1 else None
-        predictions, bad = caption_records(self.model, self.processes.shard(records), self.transform,
-                                           self.processor.tokenizer, self.config, self.device, self.precision, desc,
-                                           stop)
-        if self.processes.world > 1:
-            predictions = dict(self.processes.gather(list(predictions.items())))
-            bad = self.processes.gather(bad)
-        return predictions, bad
+        """({image_id: caption}, [bad image messages]) for `records`, with the model as it is now."""
+        return caption_in_shares(self.processes, self.model, records, self.transform, self.processor.tokenizer,
+                                 self.config, self.device, self.precision, desc, self.stop)
 
     def _step(self, batch, captions, images):
         """One update and its bookkeeping. Returns False when it was skipped for a non-finite loss or gradient."""

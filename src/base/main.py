@@ -7,7 +7,7 @@ from . import config as run_config
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
 from .distributed import Processes, main_process
-from .engine import Trainer, caption_records, resolve_precision
+from .engine import Trainer, caption_in_shares, resolve_precision
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
 from .modeling import load_processor
@@ -100,9 +100,8 @@ def test_main(method, argv=None):
         records = with_captions(records)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
              f"(beams {config.num_beams}, batch {config.eval_batch_size}, precision {precision})")
-    predictions, bad = caption_records(model, processes.shard(records), ImageTransform(processor.image_processor),
-                                       processor.tokenizer, config, device, precision, f"captioning {args.split}")
-    predictions, bad = dict(processes.gather(list(predictions.items()))), processes.gather(bad)
+    predictions, bad = caption_in_shares(processes, model, records, ImageTransform(processor.image_processor),
+                                         processor.tokenizer, config, device, precision, f"captioning {args.split}")
     if not processes.is_main:
         return 0
     captions = [{"image_id": r.image_id, "caption": predictions[r.image_id]} for r in records]

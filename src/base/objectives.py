@@ -44,7 +44,11 @@ class SelfCritical:
             raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
         self.tokenizer, self.samples, self.baseline, self.max_new_tokens = tokenizer, samples, baseline, max_new_tokens
         self.cider = CiderD({r.image_id: [python_tokenize(c) for c in r.captions] for r in train_records})
-        self.stats = {"reward_sum": 0.0, "rewards": 0, "reward_seconds": 0.0}
+        self.stats = self._no_stats()
+
+    @staticmethod
+    def _no_stats():
+        return {"reward_sum": 0.0, "rewards": 0, "reward_seconds": 0.0}
 
     def units(self, batch):
         return batch["pixel_values"].shape[0] * self.samples
@@ -75,7 +79,7 @@ class SelfCritical:
 
     def take_stats(self):
         """Mean sampled reward and seconds spent computing rewards since the last call."""
-        stats, self.stats = self.stats, {"reward_sum": 0.0, "rewards": 0, "reward_seconds": 0.0}
+        stats, self.stats = self.stats, self._no_stats()
         return {"train_reward": stats["reward_sum"] / max(stats["rewards"], 1),
                 "reward_seconds": round(stats["reward_seconds"], 3)}
 
