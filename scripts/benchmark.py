@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.cache_images import build_cache  # noqa: E402
 from src.base.data import CaptionCollator, ImageRecord, ImageTransform, default_num_workers, load_image  # noqa: E402
 from src.base.engine import LossModule, caption_records, training_step  # noqa: E402
-from src.base.modeling import generate_captions, use_fused_vision_attention  # noqa: E402
+from src.base.families.blip import Blip, use_fused_vision_attention  # noqa: E402
+from src.base.objectives import CrossEntropy  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "vizwiz_sample" / "val"
 PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
@@ -56,16 +57,18 @@ def blip_config(shape, image_size):
 
 
 def build_model(shape, image_size, device, lora, fused):
+    """(model, its family) with random weights."""
     from transformers import BlipForConditionalGeneration
     torch.manual_seed(0)
+    config = blip_config(shape, image_size)
     with torch.device(device):
-        model = BlipForConditionalGeneration(blip_config(shape, image_size))
+        model = BlipForConditionalGeneration(config)
     if fused:
         use_fused_vision_attention(model)
     if lora:
-        from src.base.modeling import add_lora
+        from src.base.lora import add_lora
         model = add_lora(model, 8, 32, 0.1, ["query", "value"])
-    return model
+    return model, Blip(config, SimpleNamespace(tokenizer=_IdTokenizer()))
 
 
 def synthetic_captions(rng, count):
@@ -121,7 +124,8 @@ def time_steps(step, steps, warmup, device):
 
 def bench_train_ours(args, device, precision, compile_model=False):
     rng = random.Random(0)
-    model = build_model(args.shape, args.image_size, device, args.lora, fused=True)
+    model, family = build_model(args.shape, args.image_size, device, args.lora, fused=True)
+    objective = CrossEntropy(family)
     loss_model = LossModule(model)  # what the Trainer steps
     if compile_model:  # as the Trainer's --compile does
         loss_model.compile(dynamic=True)
@@ -132,7 +136,8 @@ def bench_train_ours(args, device, precision, compile_model=False):
     counter = iter(range(10**9))
 
     def step():
-        training_step(loss_model, batches[next(counter) % 3], optimizer, scheduler, None, precision, device, 1.0)
+        training_step(loss_model, batches[next(counter) % 3], optimizer, scheduler, None, precision, device, 1.0,
+                      objective)
 
     reset_memory(device)
     warmup = max(args.warmup, 6) if compile_model else args.warmup  # compile (and recompile per caption length) first
@@ -140,13 +145,14 @@ def bench_train_ours(args, device, precision, compile_model=False):
     captions = sum(b["num_captions"] for b in batches) / len(batches)
     result = {"captions_per_s": captions / seconds, "step_s": seconds, "peak_memory_gb": peak_memory_gb(device)}
     if device.type == "cuda" and not compile_model:
-        result.update(model_flops_utilisation(loss_model, batches[0], optimizer, scheduler, precision, device, seconds))
+        result.update(model_flops_utilisation(loss_model, batches[0], optimizer, scheduler, precision, device, seconds,
+                                              objective))
     return result
 
 
 def bench_train_original(args, device):
     rng = random.Random(0)
-    model = build_model(args.shape, args.image_size, device, args.lora, fused=False)
+    model, _ = build_model(args.shape, args.image_size, device, args.lora, fused=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     batches = [{k: v.to(device) for k, v in original_batch(rng, args.batch_images, args.image_size).items()}
@@ -166,10 +172,10 @@ def bench_train_original(args, device):
     return result
 
 
-def model_flops_utilisation(model, batch, optimizer, scheduler, precision, device, step_seconds):
+def model_flops_utilisation(model, batch, optimizer, scheduler, precision, device, step_seconds, objective):
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
-        training_step(model, batch, optimizer, scheduler, None, precision, device, 1.0)
+        training_step(model, batch, optimizer, scheduler, None, precision, device, 1.0, objective)
     flops = counter.get_total_flops()
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -188,10 +194,10 @@ def sample_jpegs(directory, count):
 def bench_captioning(args, device, precision, ours):
     """Images captioned per second, JPEG decode included, same decoding settings on both paths."""
     from transformers import BlipImageProcessor
-    model = build_model(args.shape, args.image_size, device, args.lora, fused=ours).eval()
+    model, family = build_model(args.shape, args.image_size, device, args.lora, fused=ours)
+    model.eval()
     processor = BlipImageProcessor(size={"height": args.image_size, "width": args.image_size})
     transform = ImageTransform(processor, use_draft=ours)
-    tokenizer = _IdTokenizer()
     count = args.caption_images if ours else max(4, args.caption_images // 8)
     paths = sample_jpegs(args.sample_dir, count)
     kwargs = dict(num_beams=args.num_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
@@ -201,14 +207,14 @@ def bench_captioning(args, device, precision, ours):
             records = [ImageRecord(i, path) for i, path in enumerate(paths)]
             settings = SimpleNamespace(eval_batch_size=args.caption_batch, num_workers=default_num_workers(),
                                        strict=False, **{k: v for k, v in kwargs.items()})
-            caption_records(model, records, transform, tokenizer, settings, device, precision, "captioning")
-        else:
+            caption_records(model, records, transform, family, settings, device, precision, "captioning")
+        else:  # the template: the processor on a full-size decode, one image per generate() call
             for path in paths:
                 pixels = processor(images=load_image(path), return_tensors="pt")["pixel_values"]
-                generate_captions(model, pixels.to(device), tokenizer, **kwargs)
+                family.decode(model.generate(pixel_values=pixels.to(device), **kwargs))
 
     with torch.no_grad():
-        generate_captions(model, torch.randn(2, 3, args.image_size, args.image_size, device=device), tokenizer, **kwargs)
+        family.generate(model, torch.randn(2, 3, args.image_size, args.image_size, device=device), **kwargs)
         reset_memory(device)
         sync(device)
         start = time.perf_counter()
@@ -222,8 +228,8 @@ def bench_captioning(args, device, precision, ours):
 class _IdTokenizer:
     """Stands in for the tokenizer: the benchmark times generation, not decoding to text."""
 
-    def batch_decode(self, ids, skip_special_tokens=True):
-        return [" ".join(map(str, row.tolist())) for row in ids]
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
 
 
 def bench_loading(args):

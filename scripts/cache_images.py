@@ -24,7 +24,7 @@ from src.base import constants as C  # noqa: E402
 from src.base.data import (BadImage, ImageTransform, cache_files, default_cache_dir, default_num_workers,  # noqa: E402
                            file_signature, load_split)
 from src.base.helpers import exit_on_user_error, log, setup_logging, write_json_atomic  # noqa: E402
-from src.base.modeling import load_processor  # noqa: E402
+from src.base.families import load_family  # noqa: E402
 
 _worker = {}  # in each worker process: the transform and the pixel array being filled
 
@@ -94,7 +94,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     setup_logging()
     splits = {split: load_split(args.data_dir, split, drop_rejected=False, drop_precanned=False) for split in args.splits}
-    transform = ImageTransform(load_processor(args.checkpoint).image_processor)
+    transform = ImageTransform(load_family(args.checkpoint).processor.image_processor)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args.data_dir)
     for split, records in splits.items():
         start = time.perf_counter()

@@ -3,21 +3,21 @@ import pytest
 import torch
 
 from src.base.data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageRecord, ImageTransform,
-                           caption_token_ids, load_split, with_captions)
-from src.base.modeling import caption_loss, decoder_token_ids, load_captioner, load_processor
+                           load_split, with_captions)
+from src.base.families import load_captioner, load_family
+from src.base.families.blip import Blip
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_blip):
-    return load_captioner(tiny_blip), load_processor(tiny_blip)
+    return load_captioner(tiny_blip), load_family(tiny_blip)
 
 
 def _batch(tiny, records, max_tokens=40):
-    model, processor = tiny
-    bos, eos, pad = decoder_token_ids(model)
-    tokens = caption_token_ids(processor.tokenizer, records, max_tokens, bos, eos)
-    dataset = CaptionTrainingSet(records, ImageTransform(processor.image_processor), tokens)
-    return CaptionCollator(pad)([dataset[i] for i in range(len(records))]), tokens
+    _, family = tiny
+    tokens = [family.training_sequences(r.captions, max_tokens) for r in records]
+    dataset = CaptionTrainingSet(records, ImageTransform(family.processor.image_processor), tokens)
+    return CaptionCollator(family.pad_id, len(family.prefix))([dataset[i] for i in range(len(records))]), tokens
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +32,15 @@ def test_padding_is_to_the_longest_caption_in_the_batch(tiny, records):
     assert longest < 30  # never the tokenizer's 512
 
 
-def test_labels_are_masked_exactly_at_padding(tiny, records):
+def test_labels_are_masked_exactly_at_padding_and_the_start_token(tiny, records):
     batch, _ = _batch(tiny, records)
     padding = batch["attention_mask"] == 0
     assert padding.any(), "this batch should have captions of different lengths"
     assert (batch["labels"][padding] == -100).all()
-    assert torch.equal(batch["labels"][~padding], batch["input_ids"][~padding])
+    assert (batch["labels"][:, 0] == -100).all()  # given to the model, never predicted
+    scored = ~padding
+    scored[:, 0] = False
+    assert torch.equal(batch["labels"][scored], batch["input_ids"][scored])
 
 
 def test_captions_start_with_generations_start_token_and_end_with_its_stop_token(tiny, records):
@@ -54,12 +57,11 @@ def test_captions_start_with_generations_start_token_and_end_with_its_stop_token
     assert (generated[:, 0] == text_config.bos_token_id).all()
 
 
-def test_long_captions_are_cut_keeping_the_stop_token(tiny, tmp_path):
-    model, processor = tiny
-    bos, eos, _ = decoder_token_ids(model)
-    record = ImageRecord(1, tmp_path / "x.jpg", ["a red circle " * 20])
-    [[ids]] = caption_token_ids(processor.tokenizer, [record], 8, bos, eos)
-    assert len(ids) == 8 and ids[0] == bos and ids[-1] == eos
+def test_long_captions_are_cut_keeping_the_stop_token(tiny):
+    model, family = tiny
+    [ids] = family.training_sequences(["a red circle " * 20], 8)
+    text_config = model.config.text_config
+    assert len(ids) == 8 and ids[0] == text_config.bos_token_id and ids[-1] == text_config.sep_token_id
 
 
 def test_training_and_generation_agree(tiny, records):
@@ -87,9 +89,9 @@ def test_training_and_generation_agree(tiny, records):
 
 
 def test_encoding_each_image_once_gives_the_same_loss_and_gradient(tiny, records):
-    model, _ = tiny
+    model, family = tiny
     batch, _ = _batch(tiny, records[:3])
-    shared = caption_loss(model, batch)
+    shared = family.loss(model, batch)
     shared.backward()
     grads_shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -119,7 +121,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch_and_resumes_mid_epoch():
 
 def test_fused_vision_attention_matches_transformers_attention(tiny_blip):
     """Same outputs and gradients as transformers' own BlipAttention, to float rounding."""
-    plain, fused = load_captioner(tiny_blip, fused_attention=False), load_captioner(tiny_blip)
+    plain, fused = Blip.load_model(tiny_blip, fused_attention=False), Blip.load_model(tiny_blip)
     pixels = torch.randn(3, 3, 32, 32)
     out_plain = plain.vision_model(pixel_values=pixels).last_hidden_state
     out_fused = fused.vision_model(pixel_values=pixels).last_hidden_state

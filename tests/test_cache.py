@@ -14,9 +14,9 @@ from scripts.cache_images import build_cache, main as cache_main
 from scripts.make_demo_assets import make_dataset
 from src.base import constants
 from src.base.data import (BadImage, CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageSet, ImageTransform,
-                           cache_files, caption_token_ids, collate_images, load_split, make_loader, with_captions)
+                           cache_files, collate_images, load_split, make_loader, with_captions)
 from src.base.helpers import setup_logging
-from src.base.modeling import caption_loss, decoder_token_ids, load_captioner, load_processor
+from src.base.families import load_captioner, load_family
 
 BLIP_384 = BlipImageProcessor()  # BLIP-base and -large: 384x384, bicubic
 
@@ -94,7 +94,7 @@ def _synthetic_split(data_dir):
 
 def test_synthetic_images_of_every_mode_match_and_bad_ones_stay_bad(tmp_path, tiny_blip):
     _synthetic_split(tmp_path)
-    image_processor = load_processor(tiny_blip).image_processor
+    image_processor = load_family(tiny_blip).processor.image_processor
     expected = _uncached(load_split(tmp_path, "val"), image_processor)
     records = _cache(tmp_path, "val", image_processor)
     assert sum(e["bad"] is not None for e in expected) == 3  # empty, cut, missing
@@ -130,7 +130,7 @@ def test_a_cache_without_its_index_is_ignored(sample):
 
 
 def test_a_cache_for_another_input_size_is_never_read(sample, tiny_blip):
-    records = _cache(sample, "val", load_processor(tiny_blip).image_processor)  # 32x32
+    records = _cache(sample, "val", load_family(tiny_blip).processor.image_processor)  # 32x32
     _corrupt_keeping_size_and_mtime([records[0].path])
     item = ImageSet(records, ImageTransform(BLIP_384))[0]
     assert item["bad"] is not None and "cannot decode" in item["bad"]
@@ -170,23 +170,23 @@ def test_a_pickled_transform_reads_the_cache_without_carrying_the_array(sample):
 
 def test_a_training_step_reads_the_cache(tmp_path, tiny_blip):
     data_dir = make_dataset(tmp_path / "vizwiz", train=12, val=2, test=2, seed=3)
-    processor = load_processor(tiny_blip)
+    family = load_family(tiny_blip)
+    processor = family.processor
     _cache(data_dir, "train", processor.image_processor)
     records = with_captions(load_split(data_dir, "train"))
     expected = [_decoded(record.path, processor.image_processor) for record in records]
     _corrupt_keeping_size_and_mtime([r.path for r in records])
 
     model = load_captioner(tiny_blip)
-    bos, eos, pad = decoder_token_ids(model)
-    tokens = caption_token_ids(processor.tokenizer, records, 40, bos, eos)
+    tokens = [family.training_sequences(r.captions, 40) for r in records]
     dataset = CaptionTrainingSet(records, ImageTransform(processor.image_processor), tokens)
     sampler = EpochBatchSampler(len(dataset), len(dataset), seed=0)
-    batch = next(iter(make_loader(dataset, 0, CaptionCollator(pad), batch_sampler=sampler)))
+    batch = next(iter(make_loader(dataset, 0, CaptionCollator(family.pad_id), batch_sampler=sampler)))
     assert batch["bad"] == []
     order = sampler.batches(0)[0]
     assert torch.equal(batch["pixel_values"], torch.stack([expected[i] for i in order]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = caption_loss(model, batch)
+    loss = family.loss(model, batch)
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss)
@@ -199,7 +199,7 @@ def test_cache_dir_flag_and_constant_place_and_find_the_cache(sample, monkeypatc
     assert not (sample / "cache").exists()
     records = load_split(sample, "val")
     _corrupt_keeping_size_and_mtime([records[0].path])
-    image_processor = load_processor(tiny_blip).image_processor
+    image_processor = load_family(tiny_blip).processor.image_processor
     assert ImageSet(records, ImageTransform(image_processor))[0]["bad"] is not None  # not in <data-dir>/cache
     monkeypatch.setattr(constants, "CACHE_DIR", str(cache_dir))
     assert ImageSet(records, ImageTransform(image_processor))[0]["bad"] is None

@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import SAMPLE, write_annotations
 from src.base.data import ImageTransform, load_image, load_split, with_captions, BadImage
 from src.base.helpers import UserError
-from src.base.modeling import load_processor
+from src.base.families import load_family
 
 
 def _caption(image_id, text, rejected=False, precanned=False):
@@ -137,7 +137,7 @@ def test_real_vizwiz_sample_loads():
 
 def test_transform_matches_blip_image_processor(tiny_blip):
     """Our numpy preprocessing equals the checkpoint's own BlipImageProcessor on a real photo."""
-    processor = load_processor(tiny_blip)
+    processor = load_family(tiny_blip).processor
     photo = load_image(SAMPLE / "val" / "VizWiz_val_00000002.jpg")
     ours = ImageTransform(processor.image_processor, use_draft=False)(photo)
     reference = processor.image_processor(images=photo, return_tensors="pt")["pixel_values"][0]
@@ -147,7 +147,7 @@ def test_transform_matches_blip_image_processor(tiny_blip):
 
 def test_draft_decoding_stays_close_to_full_decoding(tiny_blip):
     """Reduced-size JPEG decoding changes pixels only slightly after the resize to the model's input."""
-    transform = ImageTransform(load_processor(tiny_blip).image_processor)
+    transform = ImageTransform(load_family(tiny_blip).processor.image_processor)
     for name in ["VizWiz_val_00000000.jpg", "VizWiz_val_00000010.jpg", "VizWiz_val_00000735.jpg"]:
         path = SAMPLE / "val" / name
         drafted = transform(transform.load(path))

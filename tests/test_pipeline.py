@@ -91,7 +91,8 @@ def test_lora_adapts_a_pretrained_captioner(tmp_path, pretrained_tiny, demo_data
 
 def test_lora_on_blip_large_has_614400_trainable_parameters():
     from transformers import BlipConfig, BlipForConditionalGeneration
-    from src.base.modeling import add_lora, parameter_summary
+    from src.base.lora import add_lora
+    from src.base.modeling import parameter_summary
 
     config = BlipConfig(
         vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

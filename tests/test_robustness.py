@@ -343,17 +343,17 @@ def test_training_goes_on_when_saving_fails(tmp_path, monkeypatch, tiny_blip, de
 
 def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, monkeypatch, tiny_blip, demo_data):
     calls = {"all": 0, "finite": 0}
-    original = objectives.caption_loss
+    original = objectives.CrossEntropy.loss
 
-    def loss_with_nans(model, batch):
+    def loss_with_nans(self, model, batch):
         calls["all"] += 1
-        loss = original(model, batch)
+        loss = original(self, model, batch)
         if calls["all"] == 3 or calls["all"] >= 30:  # one lone NaN, then NaN for good
             return loss * float("nan")
         calls["finite"] += 1
         return loss
 
-    monkeypatch.setattr(objectives, "caption_loss", loss_with_nans)
+    monkeypatch.setattr(objectives.CrossEntropy, "loss", loss_with_nans)
     out = tmp_path / "run"
     config = _config("ft", *_argv(demo_data, tiny_blip, out), "--max-steps", "40", "--eval-every", "10")
     setup_logging(out / "train.log")

@@ -51,6 +51,8 @@ class RunConfig:
     compile: bool = False
     scst_samples: int = 5
     scst_baseline: str = "mean"
+    label_smoothing: float = 0.0
+    prompt: str = ""
 
     def save(self):
         write_json_atomic(Path(self.output_dir) / CONFIG_FILE, dataclasses.asdict(self))
@@ -69,7 +71,7 @@ def defaults(method):
         val_max_images=C.VAL_MAX_IMAGES, val_meteor=C.VAL_METEOR, lora_r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT,
         lora_targets=C.LORA_TARGETS, strict=C.STRICT, objective="xe", grad_accum=C.GRAD_ACCUM,
         grad_checkpointing=C.GRAD_CHECKPOINTING, compile=C.COMPILE, scst_samples=C.SCST_SAMPLES,
-        scst_baseline=C.SCST_BASELINE,
+        scst_baseline=C.SCST_BASELINE, label_smoothing=C.LABEL_SMOOTHING, prompt=C.PROMPT,
     )
 
 
@@ -125,6 +127,8 @@ def _check(config):
         raise UserError("--max-caption-tokens must be at least 3 (start token, one word, end token)")
     if config.max_steps <= 0 and config.epochs <= 0:
         raise UserError("give --epochs or --max-steps greater than 0")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr}")
     if config.save_every_minutes <= 0:
@@ -159,6 +163,10 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
     p.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
     p.add_argument("--scst-baseline", choices=["mean", "greedy"],
                    help="SCST reward baseline: mean of the image's other samples (default) or its greedy caption")
+    p.add_argument("--label-smoothing", type=float,
+                   help="cross-entropy label smoothing (default 0.1, as BLIP's own captioning loss; 0 = off)")
+    p.add_argument("--prompt", help="text every caption starts from, e.g. 'a picture of' (BLIP's fine-tuning prompt): "
+                                    "trained on but not scored, generated from, stripped from written captions")
     p.add_argument("--epochs", type=int, help="passes over every kept caption of the training set")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all; > 0 overrides --epochs")
     p.add_argument("--batch-size", type=int, help=batch_help)

@@ -66,6 +66,8 @@ GRAD_CHECKPOINTING = _env("GRAD_CHECKPOINTING", False)  # recompute activations 
 COMPILE = _env("COMPILE", False)                 # torch.compile the training forward
 COMPILE_BACKEND = _env("COMPILE_BACKEND", "inductor")
 SEED = _env("SEED", 42)
+LABEL_SMOOTHING = _env("LABEL_SMOOTHING", 0.1)   # BLIP's own captioning loss uses 0.1
+PROMPT = _env("PROMPT", "")                      # e.g. "a picture of" (BLIP's fine-tuning prompt); "" = none
 
 # ---- self-critical sequence training (--objective scst) ----------------------
 SCST_SAMPLES = _env("SCST_SAMPLES", 5)           # captions sampled per image
@@ -75,7 +77,7 @@ SCST_BASELINE = _env("SCST_BASELINE", "mean")    # mean: of the image's other sa
 LORA_R = _env("LORA_R", 8)
 LORA_ALPHA = _env("LORA_ALPHA", 32)
 LORA_DROPOUT = _env("LORA_DROPOUT", 0.1)
-LORA_TARGETS = _env("LORA_TARGETS", "query,value")
+LORA_TARGETS = _env("LORA_TARGETS", "")          # comma-separated module names; "" = the family's default (BLIP: query,value)
 
 # ---- evaluation and checkpoints ----------------------------------------------
 EVAL_EVERY = _env("EVAL_EVERY", 1000)            # steps; 0 = only at each epoch end

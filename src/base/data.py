@@ -346,31 +346,15 @@ def collate_images(samples):
 
 # ---------------------------------------------------------------- tokens and batches
 
-def caption_token_ids(tokenizer, records, max_tokens, bos_token_id, eos_token_id):
-    """Token ids of every caption as the decoder is trained on them: [bos] words... [eos].
-
-    `bos_token_id` must be the token `generate()` starts from (BLIP: text_config.bos_token_id,
-    the [DEC] token, not the tokenizer's [CLS]) and `eos_token_id` the one it stops at
-    (BLIP: text_config.sep_token_id). Captions longer than `max_tokens` are cut, keeping [eos].
-    """
-    flat = [caption for record in records for caption in record.captions]
-    words = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    sequences = [[bos_token_id, *ids[: max_tokens - 2], eos_token_id] for ids in words]
-    per_record, start = [], 0
-    for record in records:
-        per_record.append(sequences[start: start + len(record.captions)])
-        start += len(record.captions)
-    return per_record
-
-
 class CaptionCollator:
-    """Stack images; pad every caption to the longest in this batch; labels = ids with padding as -100.
+    """Stack images; pad every caption to the longest in this batch; labels = ids, -100 at padding and on the
+    first `prefix_length` tokens (start token and prompt: given, not predicted).
 
     `captions_per_image` lets the model encode each image once and share it across its captions.
     """
 
-    def __init__(self, pad_token_id):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id, prefix_length=1):
+        self.pad_token_id, self.prefix_length = pad_token_id, prefix_length
 
     def __call__(self, samples):
         bad = [s["bad"] for s in samples if "bad" in s]
@@ -384,12 +368,14 @@ class CaptionCollator:
         for row, ids in enumerate(sequences):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, : self.prefix_length] = -100
         return {
             "pixel_values": torch.stack([s["pixel_values"] for s in good]),
             "captions_per_image": torch.tensor([len(s["captions"]) for s in good]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+            "labels": labels,
             "image_ids": [s["image_id"] for s in good],
             "num_captions": len(sequences),
             "bad": bad,

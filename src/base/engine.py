@@ -24,13 +24,13 @@ from . import report
 from .checkpoint import (Progress, clear_run, has_training_state, load_training_state, save_best_model,
                          save_training_state)
 from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageSet, ImageTransform,
-                   caption_token_ids, collate_images, default_num_workers, load_split, make_loader,
-                   with_captions)
+                   collate_images, default_num_workers, load_split, make_loader, with_captions)
 from .distributed import Processes
 from .evaluate import format_scores, score_captions
+from .families import load_family
 from .helpers import UserError, log, seed_everything
-from .modeling import decoder_token_ids, enable_activation_checkpointing, generate_captions, load_processor, parameter_summary
-from .objectives import CrossEntropy, make_objective
+from .modeling import enable_activation_checkpointing, parameter_summary
+from .objectives import make_objective
 
 METRICS_FILE = "metrics.jsonl"
 EXIT_STOPPED = 99     # stopped by a signal after saving its state; SGE requeues a job that exits with 99
@@ -43,7 +43,7 @@ class Method:
     name: str                      # "ft" or "peft"
     default_checkpoint: str
     default_lr: float
-    build: Callable                # RunConfig -> trainable model, from config.checkpoint
+    build: Callable                # (RunConfig, Family) -> trainable model, from config.checkpoint
     load_best: Callable            # best_model directory -> model for captioning
 
 
@@ -117,7 +117,12 @@ class StopSignals:
 
 # ---------------------------------------------------------------- captioning (validation and test)
 
-def caption_records(model, records, transform, tokenizer, config, device, precision, desc, stop=None):
+def decoding_settings(config):
+    """The generate() settings of validation and test captions."""
+    return dict(num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens)
+
+
+def caption_records(model, records, transform, family, config, device, precision, desc, stop=None):
     """Generate one caption per record, batched. Returns ({image_id: caption}, [bad image messages]).
 
     A bad image is captioned as a blank one (so a submission covers every id), unless --strict.
@@ -135,18 +140,18 @@ def caption_records(model, records, transform, tokenizer, config, device, precis
             log.warning(f"bad image, captioned as a blank image: {message}")
         bad.extend(batch["bad"])
         with autocast(precision, device):
-            captions = generate_captions(model, batch["pixel_values"].to(device, non_blocking=True), tokenizer,
-                                         config.num_beams, config.max_new_tokens, config.min_new_tokens)
-        predictions.update(zip(batch["image_ids"], captions))
+            sequences = family.generate(model, batch["pixel_values"].to(device, non_blocking=True),
+                                        **decoding_settings(config))
+        predictions.update(zip(batch["image_ids"], family.decode(sequences)))
     return predictions, bad
 
 
-def caption_in_shares(processes, model, records, transform, tokenizer, config, device, precision, desc, stop=None):
+def caption_in_shares(processes, model, records, transform, family, config, device, precision, desc, stop=None):
     """caption_records over this process's share of `records`; every process gets all the captions.
 
     With several processes a stop signal waits for the end of the pass (they must finish it together).
     """
-    predictions, bad = caption_records(model, processes.shard(records), transform, tokenizer, config, device,
+    predictions, bad = caption_records(model, processes.shard(records), transform, family, config, device,
                                        precision, desc, stop if processes.world == 1 else None)
     if processes.world > 1:
         predictions, bad = dict(processes.gather(list(predictions.items()))), processes.gather(bad)
@@ -208,7 +213,7 @@ def micro_batches(batch, parts):
 
 
 def training_step(model, batch, optimizer, scheduler, scaler, precision, device, max_grad_norm,
-                  objective=None, grad_accum=1, processes=None):
+                  objective, grad_accum=1, processes=None):
     """Forward and backward in `grad_accum` micro-batches, clip, update. Returns (loss, updated).
 
     `model` is a LossModule (DDP-wrapped when there are several processes). Each micro-batch's mean
@@ -217,7 +222,6 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
     `updated` is False when the loss or the gradient is not finite: nothing changes then (with an
     fp16 loss scaler, infinite gradients are the scaler's business and only the loss is checked).
     """
-    objective = objective or CrossEntropy()
     world = processes.world if processes else 1
     model.train()
     parts = micro_batches(batch, grad_accum)
@@ -271,22 +275,23 @@ class Trainer:
         self.val_records = _load_records(config, "val")
         if config.val_max_images > 0:
             self.val_records = self.val_records[: config.val_max_images]
-        self.processor = load_processor(config.checkpoint)
-        self.model = method.build(config).to(self.device)
+        self.family = load_family(config.checkpoint, config.prompt)
+        self.processor = self.family.processor
+        self.model = method.build(config, self.family).to(self.device)
         if config.grad_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.objective = make_objective(config, self.train_records, self.processor.tokenizer)
+        self.objective = make_objective(config, self.train_records, self.family)
         loss_model = LossModule(self.model)
         if config.compile:  # the training loss only (caption lengths vary: dynamic shapes); generation runs eagerly
             loss_model.compile(dynamic=True, backend=C.COMPILE_BACKEND)
         self.loss_model = self.processes.wrap(loss_model)
-        bos, eos, pad = decoder_token_ids(self.model)
         self.transform = ImageTransform(self.processor.image_processor)
-        tokens = caption_token_ids(self.processor.tokenizer, self.train_records, config.max_caption_tokens, bos, eos)
+        tokens = [self.family.training_sequences(r.captions, config.max_caption_tokens) for r in self.train_records]
         train_set = CaptionTrainingSet(self.train_records, self.transform, tokens)
         self.sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed,
                                          self.processes.rank, self.processes.world)
-        self.loader = make_loader(train_set, num_workers(config), CaptionCollator(pad), batch_sampler=self.sampler)
+        self.loader = make_loader(train_set, num_workers(config), CaptionCollator(self.family.pad_id, len(self.family.prefix)),
+                                  batch_sampler=self.sampler)
         self.steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
         self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.steps_per_epoch
 
@@ -388,7 +393,7 @@ class Trainer:
 
     def caption(self, records, desc="captioning"):
         """({image_id: caption}, [bad image messages]) for `records`, with the model as it is now."""
-        return caption_in_shares(self.processes, self.model, records, self.transform, self.processor.tokenizer,
+        return caption_in_shares(self.processes, self.model, records, self.transform, self.family,
                                  self.config, self.device, self.precision, desc, self.stop)
 
     def _step(self, batch, captions, images):

@@ -10,7 +10,7 @@ from .distributed import Processes, main_process
 from .engine import Trainer, caption_in_shares, resolve_precision
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
-from .modeling import load_processor
+from .families import load_family
 from .profiling import find_batch_size
 
 def _output_dir(method, args):
@@ -93,15 +93,15 @@ def test_main(method, argv=None):
     processes = Processes()  # under accelerate launch / torchrun each process captions a share
     device = processes.device
     precision = resolve_precision(config.precision, device)
-    processor = load_processor(checkpoint)
+    family = load_family(checkpoint, config.prompt)
     model = method.load_best(checkpoint).to(device)
     records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)
     if args.split == "val":
         records = with_captions(records)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
              f"(beams {config.num_beams}, batch {config.eval_batch_size}, precision {precision})")
-    predictions, bad = caption_in_shares(processes, model, records, ImageTransform(processor.image_processor),
-                                         processor.tokenizer, config, device, precision, f"captioning {args.split}")
+    predictions, bad = caption_in_shares(processes, model, records, ImageTransform(family.processor.image_processor),
+                                         family, config, device, precision, f"captioning {args.split}")
     if not processes.is_main:
         return 0
     captions = [{"image_id": r.image_id, "caption": predictions[r.image_id]} for r in records]

@@ -11,19 +11,21 @@ import numpy as np
 import torch
 
 from .cider import CiderD
-from .modeling import caption_loss, core_model, sample_sequences, sequence_log_probs
 from .ptb import python_tokenize
 
 
 class CrossEntropy:
-    """Mean cross-entropy over the caption tokens of the batch (teacher forcing)."""
+    """Mean cross-entropy over the caption tokens of the batch (teacher forcing), with label smoothing."""
     name = "xe"
 
+    def __init__(self, family, label_smoothing=0.0):
+        self.family, self.label_smoothing = family, label_smoothing
+
     def units(self, batch):
-        return int((batch["labels"][:, 1:] != -100).sum())  # the tokens the decoder predicts
+        return int((batch["labels"][:, 1:] != -100).sum())  # the tokens the model predicts and is scored on
 
     def loss(self, model, batch):
-        return caption_loss(model, batch)
+        return self.family.loss(model, batch, self.label_smoothing)
 
     def take_stats(self):
         return {}
@@ -39,10 +41,10 @@ class SelfCritical:
     """
     name = "scst"
 
-    def __init__(self, train_records, tokenizer, samples, baseline, max_new_tokens):
+    def __init__(self, family, train_records, samples, baseline, max_new_tokens):
         if baseline == "mean" and samples < 2:
             raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
-        self.tokenizer, self.samples, self.baseline, self.max_new_tokens = tokenizer, samples, baseline, max_new_tokens
+        self.family, self.samples, self.baseline, self.max_new_tokens = family, samples, baseline, max_new_tokens
         self.cider = CiderD({r.image_id: [python_tokenize(c) for c in r.captions] for r in train_records})
         self.stats = self._no_stats()
 
@@ -54,27 +56,27 @@ class SelfCritical:
         return batch["pixel_values"].shape[0] * self.samples
 
     def rewards(self, image_ids, sequences):
-        """CIDEr-D of each decoded caption; `image_ids` has one entry per sequence."""
+        """CIDEr-D of each sampled caption, read as validation reads captions; `image_ids` has one entry per sequence."""
         started = time.perf_counter()
-        captions = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        scores = self.cider.scores(image_ids, [python_tokenize(c) for c in captions])
+        scores = self.cider.scores(image_ids, [python_tokenize(c) for c in self.family.decode(sequences)])
         self.stats["reward_seconds"] += time.perf_counter() - started
         return scores
 
     def loss(self, model, batch):
-        image_embeds = core_model(model).vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+        family = self.family
+        image_features = family.encode_images(model, batch["pixel_values"])
         image_ids = np.repeat(batch["image_ids"], self.samples)
-        sequences = sample_sequences(model, image_embeds.detach(), self.samples, self.max_new_tokens)
+        sequences = family.sample(model, image_features.detach(), self.samples, self.max_new_tokens)
         rewards = self.rewards(image_ids, sequences).reshape(-1, self.samples)
         if self.baseline == "greedy":
-            greedy = sample_sequences(model, image_embeds.detach(), 1, self.max_new_tokens, greedy=True)
+            greedy = family.sample(model, image_features.detach(), 1, self.max_new_tokens, greedy=True)
             baseline = self.rewards(batch["image_ids"], greedy)[:, None]
         else:  # mean of the image's other samples: unbiased, and costs no extra decoding
             baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (self.samples - 1)
         self.stats["reward_sum"] += float(rewards.sum())
         self.stats["rewards"] += rewards.size
         advantage = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32, device=sequences.device)
-        log_probs = sequence_log_probs(model, image_embeds.repeat_interleave(self.samples, dim=0), sequences)
+        log_probs, _ = family.sequence_log_probs(model, image_features.repeat_interleave(self.samples, dim=0), sequences)
         return -(advantage * log_probs).mean()
 
     def take_stats(self):
@@ -84,7 +86,7 @@ class SelfCritical:
                 "reward_seconds": round(stats["reward_seconds"], 3)}
 
 
-def make_objective(config, train_records, tokenizer):
+def make_objective(config, train_records, family):
     if config.objective == "scst":
-        return SelfCritical(train_records, tokenizer, config.scst_samples, config.scst_baseline, config.max_new_tokens)
-    return CrossEntropy()
+        return SelfCritical(family, train_records, config.scst_samples, config.scst_baseline, config.max_new_tokens)
+    return CrossEntropy(family, config.label_smoothing)

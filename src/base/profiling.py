@@ -19,7 +19,6 @@ from .data import EpochBatchSampler, make_loader
 from .engine import Trainer, num_workers
 from .evaluate import score_captions
 from .helpers import UserError, log
-from .modeling import decoder_token_ids
 
 SEARCH_IMAGES = 16  # distinct images decoded for the batch-size search; bigger batches repeat them
 
@@ -197,7 +196,7 @@ def largest_batch_on(trainer, start):
     """The most images per step (start, start/2, ...) with which `trainer` takes one step without running out of
     memory, tried on worst-case batches: the images with the most captions, each caption at the longest allowed."""
     samples = search_samples(trainer, min(start, SEARCH_IMAGES))
-    pad_token_id = decoder_token_ids(trainer.model)[2]
+    pad_token_id = trainer.family.pad_id
 
     def try_batch(size):
         trainer.optimizer.zero_grad(set_to_none=True)  # a failed try can leave gradients behind

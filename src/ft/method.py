@@ -1,11 +1,16 @@
-"""Full fine-tuning of BLIP-base: every weight trains; best_model/ is the whole model."""
+"""Full fine-tuning (BLIP-base by default; any family small enough): every weight trains; best_model/ is the
+whole model."""
 from src.base import constants as C
 from src.base.engine import Method
-from src.base.modeling import load_captioner
+from src.base.families import load_captioner
+from src.base.helpers import UserError
 
 
-def build(config):
-    return load_captioner(config.checkpoint)
+def build(config, family):
+    if not family.full_fine_tuning:
+        raise UserError(f"--checkpoint {config.checkpoint}: full fine-tuning of {family.name} is not supported "
+                        f"(too large to train every weight on one GPU); train LoRA adapters with python -m src.peft.train")
+    return family.load_model(config.checkpoint)
 
 
 METHOD = Method(name="ft", default_checkpoint=C.FT_CHECKPOINT, default_lr=C.FT_LR,

@@ -1,19 +1,21 @@
-"""LoRA on BLIP-large: only low-rank adapters on the text decoder's query/value projections train;
-best_model/ is the adapter (a few MB), loaded over the base checkpoint named in its adapter_config.json."""
+"""LoRA (BLIP-large by default): only low-rank adapters train (BLIP: on the text decoder's query/value
+projections); best_model/ is the adapter (a few MB), loaded over the base checkpoint named in its
+adapter_config.json."""
 from pathlib import Path
 
 from src.base import constants as C
 from src.base.engine import Method
 from src.base.helpers import log
-from src.base.modeling import add_lora, load_captioner, load_lora
+from src.base.lora import add_lora, load_lora
 
 
-def build(config):
+def build(config, family):
     if (Path(config.checkpoint) / "adapter_config.json").is_file():  # a trained adapter: go on training it (SCST)
         log.info(f"{config.checkpoint} is a LoRA adapter: training it further (its rank and targets, not --lora-*)")
         return load_lora(config.checkpoint, trainable=True)
-    targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
-    return add_lora(load_captioner(config.checkpoint), config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()] or list(family.lora_targets)
+    return add_lora(family.load_model(config.checkpoint), config.lora_r, config.lora_alpha, config.lora_dropout,
+                    targets)
 
 
 METHOD = Method(name="peft", default_checkpoint=C.PEFT_CHECKPOINT, default_lr=C.PEFT_LR,

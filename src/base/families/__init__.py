@@ -1,0 +1,54 @@
+"""Captioner families behind one interface (base.Family). The family of a checkpoint is read from its
+configuration's `model_type`, never from its name, so hub names, local copies, fine-tuned runs and LoRA
+adapters (through the base checkpoint they name) all resolve the same way."""
+import json
+from pathlib import Path
+
+from ..helpers import UserError
+from ..modeling import load_pretrained
+from .base import Family
+from .blip import Blip
+
+FAMILIES = [Blip]
+
+
+def base_checkpoint(checkpoint):
+    """The checkpoint a LoRA adapter directory was trained over (from its adapter_config.json), else `checkpoint`."""
+    adapter_config = Path(checkpoint) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return checkpoint
+    try:
+        return json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{adapter_config}: cannot read the base checkpoint of this LoRA adapter ({error})")
+
+
+def model_config(checkpoint):
+    """The model configuration of `checkpoint` (of the base checkpoint, for a LoRA adapter)."""
+    from transformers import AutoConfig
+    return load_pretrained(AutoConfig, base_checkpoint(checkpoint), "model configuration")
+
+
+def family_class(config):
+    for family in FAMILIES:
+        if config.model_type in family.model_types:
+            return family
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise UserError(f"model type '{config.model_type}' is not a captioner this project trains (known: {known})")
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def load_family(checkpoint, prompt=""):
+    """The family of `checkpoint`, with its processor and `prompt`. A LoRA adapter directory's processor is its
+    own copy (src.peft saves one there), or else the base checkpoint's."""
+    config = model_config(checkpoint)
+    family = family_class(config)
+    has_processor = not Path(checkpoint).is_dir() or any((Path(checkpoint) / f).is_file() for f in PROCESSOR_FILES)
+    return family(config, family.load_processor(checkpoint if has_processor else base_checkpoint(checkpoint)), prompt)
+
+
+def load_captioner(checkpoint):
+    """The full captioning model of `checkpoint`, whatever its family."""
+    return family_class(model_config(checkpoint)).load_model(checkpoint)

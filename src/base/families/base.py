@@ -1,0 +1,134 @@
+"""The one interface through which the engine, the objectives and the entry points use a captioner.
+
+A family (BLIP, GIT, BLIP-2) says how its checkpoints load, which tokens start and end a caption,
+how images are encoded, how token logits are computed from encoded images, how captions are
+generated and sampled, and how generated tokens become caption text. Everything built from those
+pieces (the training loss, SCST's log-probabilities, batches) is written once, here and in the engine.
+
+Token sequences are laid out the same way in every family:
+    [start tokens] [prompt tokens] [caption tokens] [end token] [padding]
+`prefix` is the start and prompt tokens: generation begins with them, training does not score them,
+and `decode` drops them, so a prompt never reaches a written or scored caption.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..text import tidy_caption
+
+
+class Family:
+    name = ""                 # shown in logs
+    model_types = ()          # config.json `model_type` values of this family's checkpoints
+    lora_targets = ()         # default LoRA target modules (src.peft; --lora-targets overrides)
+    full_fine_tuning = True   # False: src.ft refuses (the model is too large to train every weight)
+
+    def __init__(self, config, processor, prompt=""):
+        """`config` is the checkpoint's model configuration, `processor` its processor, `prompt` the text every
+        caption starts from (--prompt; "" for none)."""
+        self.config, self.processor, self.tokenizer = config, processor, processor.tokenizer
+        self.prompt = prompt.strip()
+        self.prefix = self.start_ids() + (self.word_ids([self.prompt])[0] if self.prompt else [])
+
+    # ---- loading (no instance needed)
+
+    @classmethod
+    def load_model(cls, checkpoint):
+        """The captioning model of `checkpoint` (hub name or local directory), ready to train or caption."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_processor(cls, checkpoint):
+        """The processor (image processor + tokenizer) saved with `checkpoint`."""
+        raise NotImplementedError
+
+    # ---- tokens
+
+    def start_ids(self):
+        """The token(s) every sequence starts with: what generate() starts from."""
+        raise NotImplementedError
+
+    @property
+    def end_id(self):
+        """The token that ends a caption: where generate() stops."""
+        raise NotImplementedError
+
+    @property
+    def pad_id(self):
+        raise NotImplementedError
+
+    def word_ids(self, texts):
+        """Token ids of each text, without special tokens."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def training_sequences(self, captions, max_tokens):
+        """Token ids of each caption as the model is trained on it: prefix, words, end token, at most `max_tokens`
+        in all (longer captions lose words, never the end token)."""
+        room = max(1, max_tokens - len(self.prefix) - 1)
+        return [self.prefix + ids[:room] + [self.end_id] for ids in self.word_ids(captions)]
+
+    def decode(self, sequences):
+        """Caption text of each generated or sampled sequence (prefix included): the prefix and everything from the
+        end token on are dropped, and the text is written the way reference captions are (see text.py).
+        Validation, test and the SCST reward all read captions through this one function."""
+        captions = []
+        for row in sequences.tolist() if torch.is_tensor(sequences) else sequences:
+            words = row[len(self.prefix):]
+            if self.end_id in words:
+                words = words[: words.index(self.end_id)]
+            captions.append(self.tidy(self.tokenizer.decode(words, skip_special_tokens=True)))
+        return captions
+
+    def tidy(self, text):
+        """Undo the tokenizer's splitting of punctuation (families whose tokenizer round-trips text override this)."""
+        return tidy_caption(text)
+
+    # ---- the model
+
+    def encode_images(self, model, pixel_values):
+        """Image features the text side attends to, one row per image (with gradients when training)."""
+        raise NotImplementedError
+
+    def token_logits(self, model, image_features, input_ids, attention_mask):
+        """Next-token logits at every position of `input_ids` [rows, tokens, vocabulary]; `image_features` has
+        one row per sequence."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, **decoding):
+        """Token ids of one caption per image (beam search or greedy), each row starting with `prefix`.
+        Extra `decoding` settings (length_penalty, repetition_penalty, ...) go to transformers' generate()."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False):
+        """`samples_per_image` captions per image drawn from the model (pure sampling, or greedy), rows grouped
+        by image, each starting with `prefix`. `image_features` come from encode_images."""
+        raise NotImplementedError
+
+    # ---- built from the pieces above, the same for every family
+
+    def loss(self, model, batch, label_smoothing=0.0):
+        """Mean cross-entropy over the batch's scored caption tokens (labels -100 elsewhere), encoding each image
+        once: its features are repeated for its captions, which gives the same gradient as encoding it per caption."""
+        features = self.encode_images(model, batch["pixel_values"])
+        features = features.repeat_interleave(batch["captions_per_image"].to(features.device), dim=0)
+        logits = self.token_logits(model, features, batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100, label_smoothing=label_smoothing)
+
+    def generated_mask(self, sequences):
+        """Which tokens of sampled sequences the model chose: after the prefix, up to and including the first end
+        token. Returns a bool tensor shaped like `sequences[:, 1:]` (the positions that are predicted)."""
+        targets = sequences[:, 1:]
+        generated = torch.arange(1, sequences.shape[1], device=sequences.device) >= len(self.prefix)
+        is_end = (targets == self.end_id) & generated
+        return generated & ((is_end.long().cumsum(dim=1) - is_end.long()) == 0)
+
+    def sequence_log_probs(self, model, image_features, sequences):
+        """(log-probability of each sampled caption's generated tokens, with gradients; how many tokens that is)."""
+        counted = self.generated_mask(sequences)
+        attention_mask = torch.cat([torch.ones_like(sequences[:, :1]), counted.long()], dim=1)
+        attention_mask[:, : len(self.prefix)] = 1
+        logits = self.token_logits(model, image_features, sequences, attention_mask)[:, :-1]
+        token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(2, sequences[:, 1:, None]).squeeze(2)
+        return (token_log_probs * counted).sum(dim=1), counted.sum(dim=1)
