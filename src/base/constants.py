@@ -44,6 +44,12 @@ CACHE_DIR = _env("CACHE_DIR", "")                # image cache (scripts/cache_im
 FT_CHECKPOINT = _env("FT_CHECKPOINT", "Salesforce/blip-image-captioning-base")
 PEFT_CHECKPOINT = _env("PEFT_CHECKPOINT", "Salesforce/blip-image-captioning-large")
 
+# ---- downloads (scripts/get_data.py) -------------------------------------------
+# The data set's site: caption/annotations.zip and images/{train,val,test}.zip below it.
+VIZWIZ_URL = _env("VIZWIZ_URL", "https://vizwiz.cs.colorado.edu/VizWiz_final")
+# Comma-separated hub names that `get_data.py --checkpoints` fetches into the Hugging Face cache.
+HUB_CHECKPOINTS = _env("HUB_CHECKPOINTS", f"{FT_CHECKPOINT},{PEFT_CHECKPOINT}")
+
 # ---- data ----------------------------------------------------------------
 DROP_REJECTED = _env("DROP_REJECTED", True)      # captions flagged is_rejected by VizWiz
 DROP_PRECANNED = _env("DROP_PRECANNED", True)    # "Quality issues are too severe ..." captions
