@@ -200,7 +200,8 @@ def bench_captioning(args, device, precision, ours):
     transform = ImageTransform(processor, use_draft=ours)
     count = args.caption_images if ours else max(4, args.caption_images // 8)
     paths = sample_jpegs(args.sample_dir, count)
-    kwargs = dict(num_beams=args.num_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    kwargs = dict(num_beams=args.num_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                  length_penalty=1.0, repetition_penalty=1.0)
 
     def run():
         if ours:  # the real validation/test path: DataLoader workers decode, batched generate()

@@ -63,6 +63,7 @@ class Plan:
     save_every_minutes: float
     train_images: int
     val_images: int
+    eval_at_start: bool = True
 
     @property
     def steps_per_epoch(self):
@@ -84,6 +85,9 @@ def replay(plan, step_seconds, validation_seconds, state_save_seconds, best_save
     """Walk through the run step by step as Trainer._consume schedules validations and saves."""
     clock = last_save = 0.0
     validations = saves = 0
+    if plan.eval_at_start:  # the starting model's validation (step 0), then a state save
+        clock += validation_seconds + best_save_seconds + state_save_seconds
+        last_save, validations, saves = clock, 1, 1
     for step in range(1, plan.total_steps + 1):
         clock += step_seconds
         epoch_ended = step % plan.steps_per_epoch == 0
@@ -265,7 +269,8 @@ def plan_for(config, profile, args):
     if config.val_max_images > 0:
         val_images = min(val_images, config.val_max_images)
     return Plan(config.batch_size, config.epochs, config.max_steps, config.eval_every, config.save_every,
-                config.save_every_minutes, args.train_images or profile["train_images"], val_images)
+                config.save_every_minutes, args.train_images or profile["train_images"], val_images,
+                config.eval_at_start)
 
 
 @exit_on_user_error

@@ -36,8 +36,8 @@ TEMPLATES = [
     "there is a {c} {s} on a {b} surface",
     "a picture of a {c} {s} against {b}.",
     "The image shows a {c} {s} on {b}",
-    "a small {c} {s} lying on a {b} table",
-    "close up of a {c} {s} with a {b} background",
+    "someone's {c} {s} lying on a {b} table",
+    "a close-up of a {c} {s} with a {b} background",
 ]
 # Captions in another style, as in a generic (COCO-like) captioning corpus: the demo first trains the
 # tiny model on these to stand in for a pretrained captioner, then adapts it to the VizWiz-style set.
@@ -128,16 +128,18 @@ def make_dataset(root, train=400, val=60, test=40, seed=0, templates=TEMPLATES):
     return root
 
 
-def vocabulary():
-    words = set()
-    for text in TEMPLATES + PRETRAIN_TEMPLATES + REJECTED + [PRECANNED]:
-        for mark in (".", ",", "{c}", "{s}", "{b}"):
-            text = text.replace(mark, f" {mark} ")
-        words.update(text.lower().split())
-    words -= {"{c}", "{s}", "{b}"}
-    words.update(COLORS)
-    words.update(SHAPES)
-    return sorted(words)
+def vocabulary(texts=None):
+    """Every word of `texts` (default: the demo's templates and words) as BERT's basic tokenizer splits it
+    ("someone's" -> someone ' s, "close-up" -> close - up), so that a BERT tokenizer over this vocabulary
+    splits captions exactly as bert-base-uncased does."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    if texts is None:
+        texts = [t.format(c="", s="", b="") for t in TEMPLATES + PRETRAIN_TEMPLATES] + REJECTED + [PRECANNED]
+        texts += list(COLORS) + SHAPES
+    normalize, split = BertNormalizer(lowercase=True), BertPreTokenizer()
+    return sorted({word for text in texts for word, _ in split.pre_tokenize_str(normalize.normalize_str(text))})
 
 
 def make_tiny_blip(out_dir, image_size=32, seed=0):

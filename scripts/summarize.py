@@ -55,7 +55,8 @@ def training_stats(metrics):
     return {"val_CIDEr": best["CIDEr"], "best_step": best["step"], "steps": last["step"],
             "minutes": last.get("elapsed_seconds", 0) / 60, "GPU_hours": device_hours(last),
             "peak_GB": max(peaks) if peaks else None, "captions_per_s": captions_per_second(metrics),
-            "CIDEr_per_GPU_hour": best["CIDEr"] / hours_to_best if hours_to_best > 0 else None}
+            # undefined when training never beat the starting model (its step-0 score is the best)
+            "CIDEr_per_GPU_hour": best["CIDEr"] / hours_to_best if hours_to_best > 0 and best["step"] > 0 else None}
 
 
 def summarize(run_dir, params=None):

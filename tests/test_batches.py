@@ -131,3 +131,62 @@ def test_fused_vision_attention_matches_transformers_attention(tiny_blip):
     out_fused.square().sum().backward()
     for (name, a), b in zip(plain.vision_model.named_parameters(), fused.vision_model.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-4), name
+
+
+# ---------------------------------------------------------------- BLIP's recipe: label smoothing and the prompt
+
+def test_loss_is_cross_entropy_with_label_smoothing_over_the_caption_tokens(tiny, records):
+    model, family = tiny
+    batch, _ = _batch(tiny, records[:3])
+    with torch.no_grad():
+        features = family.encode_images(model, batch["pixel_values"]).repeat_interleave(batch["captions_per_image"], 0)
+        logits = family.token_logits(model, features, batch["input_ids"], batch["attention_mask"])
+        smoothed, plain = family.loss(model, batch, label_smoothing=0.1), family.loss(model, batch)
+    # by hand: at each scored position, 0.9 x the target's log-probability + 0.1 x the mean over the vocabulary
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = batch["labels"][:, 1:]
+    scored = targets != -100
+    picked = log_probs.gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    expected = -(0.9 * picked + 0.1 * log_probs.mean(-1))[scored].mean()
+    assert torch.allclose(smoothed, expected, atol=1e-5)
+    assert torch.allclose(plain, -picked[scored].mean(), atol=1e-5)
+    assert scored.sum() == (batch["attention_mask"][:, 1:] == 1).sum()  # every caption token and end token, no more
+
+
+def test_label_smoothing_defaults_to_blips_0_1(tiny_blip, demo_data, tmp_path):
+    from src.base.config import resolve, training_parser
+    from src.ft.method import METHOD
+    args = training_parser("t").parse_args(["--data-dir", str(demo_data), "--output-dir", str(tmp_path)])
+    assert resolve(METHOD, args).label_smoothing == 0.1
+
+
+@pytest.fixture(scope="module")
+def prompted(tiny_blip):
+    return load_family(tiny_blip, prompt="a picture of")
+
+
+def test_a_prompt_starts_every_training_caption_and_is_not_scored(tiny, prompted, records):
+    model, plain = tiny
+    prompt_ids = prompted.word_ids(["a picture of"])[0]
+    assert len(prompt_ids) == 3 and prompted.prefix == plain.prefix + prompt_ids
+    batch, tokens = _batch((model, prompted), records[:2])
+    assert all(ids[: len(prompted.prefix)] == prompted.prefix for per_image in tokens for ids in per_image)
+    assert (batch["labels"][:, : len(prompted.prefix)] == -100).all()  # given, not predicted
+    caption_tokens = batch["attention_mask"].sum(1) - len(prompted.prefix)  # words and the end token
+    assert int((batch["labels"] != -100).sum()) == int(caption_tokens.sum())
+    # the loss is the unprompted one's over the same caption tokens, only conditioned on the prompt
+    unprompted, _ = _batch(tiny, records[:2])
+    assert int((unprompted["labels"][:, 1:] != -100).sum()) == int(caption_tokens.sum())
+
+
+def test_generation_starts_from_the_prompt_and_captions_come_without_it(tiny, prompted, records):
+    model, _ = tiny
+    model.eval()
+    batch, _ = _batch(tiny, records[:2])
+    sequences = prompted.generate(model, batch["pixel_values"], num_beams=2, max_new_tokens=6, min_new_tokens=6)
+    assert (sequences[:, : len(prompted.prefix)] == torch.tensor(prompted.prefix)).all()
+    captions = prompted.decode(sequences)
+    words = [prompted.tokenizer.decode(row[len(prompted.prefix):], skip_special_tokens=True) for row in sequences.tolist()]
+    assert [c.split() for c in captions] == [w.split() for w in words]  # exactly what followed the prompt
+    samples = prompted.sample(model, prompted.encode_images(model, batch["pixel_values"]), 2, 5)
+    assert (samples[:, : len(prompted.prefix)] == torch.tensor(prompted.prefix)).all() and samples.shape[0] == 4

@@ -101,3 +101,21 @@ def test_lora_on_blip_large_has_614400_trainable_parameters():
     with torch.device("meta"):  # shapes only, no memory
         model = add_lora(BlipForConditionalGeneration(config), r=8, alpha=32, dropout=0.1, targets=["query", "value"])
     assert parameter_summary(model).startswith("trainable params: 614,400 ||")
+
+
+@pytest.mark.parametrize("method", ["ft", "peft"])
+def test_the_starting_model_is_a_floor_best_model_never_falls_below(method, tmp_path, ft_run, demo_data):
+    """From a trained checkpoint, a learning rate that wrecks the model: best_model/ still scores exactly what
+    the starting checkpoint scores (for LoRA: the untrained adapter over it), and metrics.jsonl says where it started."""
+    start = val_cider(run_module("src.ft.test", "--output-dir", tmp_path / "start", "--checkpoint",
+                                 ft_run / "best_model", "--split", "val", "--data-dir", demo_data, *FAST))
+    out = tmp_path / method
+    run_module(f"src.{method}.train", "--data-dir", demo_data, "--checkpoint", ft_run / "best_model",
+               "--output-dir", out, *FAST, "--lr", "0.5", "--warmup-ratio", "0", "--max-steps", "6", "--eval-every", "3")
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [0, 3, 6]
+    assert metrics[0]["CIDEr"] == pytest.approx(start, abs=1e-9) and metrics[0]["train_loss"] is None
+    assert max(m["CIDEr"] for m in metrics[1:]) < start - 0.5, "the learning rate should have wrecked the model"
+    assert metrics[0]["is_best"] and metrics[-1]["best_CIDEr"] == metrics[0]["CIDEr"]
+    reproduced = val_cider(run_module(f"src.{method}.test", "--output-dir", out, "--split", "val"))
+    assert reproduced == pytest.approx(start, abs=1e-9)

@@ -53,6 +53,9 @@ class RunConfig:
     scst_baseline: str = "mean"
     label_smoothing: float = 0.0
     prompt: str = ""
+    eval_at_start: bool = True
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
 
     def save(self):
         write_json_atomic(Path(self.output_dir) / CONFIG_FILE, dataclasses.asdict(self))
@@ -72,6 +75,7 @@ def defaults(method):
         lora_targets=C.LORA_TARGETS, strict=C.STRICT, objective="xe", grad_accum=C.GRAD_ACCUM,
         grad_checkpointing=C.GRAD_CHECKPOINTING, compile=C.COMPILE, scst_samples=C.SCST_SAMPLES,
         scst_baseline=C.SCST_BASELINE, label_smoothing=C.LABEL_SMOOTHING, prompt=C.PROMPT,
+        eval_at_start=C.EVAL_AT_START, length_penalty=C.LENGTH_PENALTY, repetition_penalty=C.REPETITION_PENALTY,
     )
 
 
@@ -129,6 +133,8 @@ def _check(config):
         raise UserError("give --epochs or --max-steps greater than 0")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
+    if config.repetition_penalty <= 0:
+        raise UserError(f"--repetition-penalty must be positive, got {config.repetition_penalty}")
     if config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr}")
     if config.save_every_minutes <= 0:
@@ -185,6 +191,9 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
     p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, else fp32)")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="steps between validations (0 = only at epoch ends)")
+    p.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction,
+                   help="validate the starting checkpoint before training (step 0 in metrics.jsonl), so that "
+                        "best_model/ is never worse than where the run started (default on)")
     p.add_argument("--save-every", type=int, help="steps between training-state saves (0 = only at validations)")
     p.add_argument("--save-every-minutes", type=float, help="and at least this often in wall time")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction,
@@ -193,6 +202,8 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
     p.add_argument("--num-beams", type=int, help="beam size for validation captions")
     p.add_argument("--max-new-tokens", type=int, help="longest generated caption, in tokens")
     p.add_argument("--min-new-tokens", type=int, help="shortest generated caption, in tokens")
+    p.add_argument("--length-penalty", type=float, help="beam search: > 1 favours longer captions, < 1 shorter (1 = none)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens (1 = none)")
     p.add_argument("--max-caption-tokens", type=int, help="training captions are cut to this many tokens")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (-1 = from NSLOTS / CPU count)")
     p.add_argument("--val-max-images", type=int, help="score only the first N validation images (0 = all)")

@@ -87,6 +87,7 @@ LORA_TARGETS = _env("LORA_TARGETS", "")          # comma-separated module names;
 
 # ---- evaluation and checkpoints ----------------------------------------------
 EVAL_EVERY = _env("EVAL_EVERY", 1000)            # steps; 0 = only at each epoch end
+EVAL_AT_START = _env("EVAL_AT_START", True)      # validate the starting checkpoint first (step 0): best_model/ >= start
 SAVE_EVERY = _env("SAVE_EVERY", 500)             # steps between full training-state saves; 0 = only at evals
 SAVE_EVERY_MINUTES = _env("SAVE_EVERY_MINUTES", 15.0)  # ... and at least this often in wall time
 MAX_NONFINITE_IN_A_ROW = _env("MAX_NONFINITE_IN_A_ROW", 5)  # NaN/inf losses tolerated in a row before stopping
@@ -95,5 +96,7 @@ EVAL_BATCH_SIZE = _env("EVAL_BATCH_SIZE", 64)
 NUM_BEAMS = _env("NUM_BEAMS", 3)
 MAX_NEW_TOKENS = _env("MAX_NEW_TOKENS", 30)
 MIN_NEW_TOKENS = _env("MIN_NEW_TOKENS", 5)
+LENGTH_PENALTY = _env("LENGTH_PENALTY", 1.0)     # beam search length penalty (test --tune-decoding chooses one)
+REPETITION_PENALTY = _env("REPETITION_PENALTY", 1.0)
 VAL_MAX_IMAGES = _env("VAL_MAX_IMAGES", 0)       # > 0: score only the first N val images during training
 VAL_METEOR = _env("VAL_METEOR", False)           # METEOR during training validations (adds ~10 s of Java each)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from . import constants as C
-from . import report
+from . import decoding, report
 from .checkpoint import (Progress, clear_run, has_training_state, load_training_state, save_best_model,
                          save_training_state)
 from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageSet, ImageTransform,
@@ -119,7 +119,7 @@ class StopSignals:
 
 def decoding_settings(config):
     """The generate() settings of validation and test captions."""
-    return dict(num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens)
+    return {key: getattr(config, key) for key in decoding.KEYS}
 
 
 def caption_records(model, records, transform, family, config, device, precision, desc, stop=None):
@@ -332,6 +332,9 @@ class Trainer:
         if self._finished() and not p.eval_pending:
             log.info(f"nothing to do: the run already reached step {p.step} of {self.total_steps}")
             return 0
+        if p.step == 0 and p.last_eval_step < 0 and self.config.eval_at_start:
+            p.eval_pending = True  # score the starting model first: best_model/ never falls below it
+            log.info("validating the starting model first (step 0; --no-eval-at-start skips this)")
 
         self.clock = self.last_save = time.time()
         with StopSignals() as self.stop, tqdm(total=self.total_steps, initial=p.step, desc="training",
@@ -455,7 +458,7 @@ class Trainer:
         if is_best:
             p.best_cider, p.best_step = scores["CIDEr"], p.step
         line = {"step": p.step, "epoch": round(p.epoch + p.batch_in_epoch / self.steps_per_epoch, 4),
-                "train_loss": p.loss_sum / max(p.loss_count, 1), "lr": self.scheduler.get_last_lr()[0],
+                "train_loss": p.loss_sum / p.loss_count if p.loss_count else None, "lr": self.scheduler.get_last_lr()[0],
                 **self.objective.take_stats(), **scores, "best_CIDEr": p.best_cider, "is_best": is_best,
                 "captions_seen": p.captions_seen, "images_seen": p.images_seen,
                 "images_skipped": len(p.bad_images), "bad_images_new": p.bad_images[p.bad_images_reported:],
@@ -470,8 +473,9 @@ class Trainer:
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
         report.plot_curves(self.output_dir / METRICS_FILE, self.output_dir / "curves.png")
-        log.info(f"step {p.step}: {format_scores(scores)}" + ("  (new best, saved best_model/)" if is_best else "")
-                 + (f"  mean sampled reward {line['train_reward']:.4f}" if "train_reward" in line else ""))
+        log.info(f"step {p.step}{' (the starting model)' if p.step == 0 else ''}: {format_scores(scores)}"
+                 + ("  (new best, saved best_model/)" if is_best else "")
+                 + (f"  mean sampled reward {line['train_reward']:.4f}" if line.get("train_reward") is not None else ""))
 
     def _save_best(self, predictions, per_image):
         try:

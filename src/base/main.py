@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from . import config as run_config
+from . import decoding
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
 from .distributed import Processes, main_process
@@ -79,12 +80,20 @@ def test_main(method, argv=None):
         batch_help="images per generate() call (default: the run's --eval-batch-size)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="test: write test_captions.json for the challenge; val: caption and score the validation set")
+    parser.add_argument("--tune-decoding", action="store_true",
+                        help=f"with --split val: score a grid of decoding settings (beams, caption length, length and "
+                             f"repetition penalties) on the validation set (--val-max-images to go faster), write "
+                             f"<output-dir>/{decoding.DECODING_FILE}; later test runs use its best setting")
     args = parser.parse_args(argv)
+    if args.tune_decoding and args.split != "val":
+        raise UserError("--tune-decoding chooses decoding on the validation set: add --split val")
     if args.batch_size is not None:  # on test, --batch-size is the captioning batch
         args.eval_batch_size, args.batch_size = args.batch_size, None
     output_dir = _output_dir(method, args)
     saved = run_config.load_saved(output_dir)
     config = _start(method, args, saved, "test.log")
+    if not args.tune_decoding:
+        decoding.apply_saved(config, output_dir, given={k for k in decoding.KEYS if getattr(args, k) is not None})
 
     checkpoint = args.checkpoint or str(best_model_dir(output_dir))
     if not args.checkpoint and not Path(checkpoint).is_dir():
@@ -98,10 +107,18 @@ def test_main(method, argv=None):
     records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)
     if args.split == "val":
         records = with_captions(records)
+    transform = ImageTransform(family.processor.image_processor)
+    references = {r.image_id: r.captions for r in records}
+
+    def caption(settings, records=records):
+        return caption_in_shares(processes, model, records, transform, family, settings, device, precision,
+                                 f"captioning {args.split}")
+
+    if args.tune_decoding:
+        return _tune_decoding(config, output_dir, checkpoint, records, references, caption, processes.is_main)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
-             f"(beams {config.num_beams}, batch {config.eval_batch_size}, precision {precision})")
-    predictions, bad = caption_in_shares(processes, model, records, ImageTransform(family.processor.image_processor),
-                                         family, config, device, precision, f"captioning {args.split}")
+             f"({decoding.describe(decoding.current(config))}, batch {config.eval_batch_size}, precision {precision})")
+    predictions, bad = caption(config)
     if not processes.is_main:
         return 0
     captions = [{"image_id": r.image_id, "caption": predictions[r.image_id]} for r in records]
@@ -109,8 +126,32 @@ def test_main(method, argv=None):
     write_json_atomic(out_file, captions)
     log.info(f"wrote {len(captions)} captions to {out_file}" + (f" ({len(bad)} unreadable images got a blank-image caption)" if bad else ""))
     if args.split == "val":
-        scores, _, tokenizer = score_captions({r.image_id: r.captions for r in records}, predictions)
+        scores, _, tokenizer = score_captions(references, predictions)
         write_json_atomic(output_dir / "val_scores.json", {"checkpoint": checkpoint, **scores, "tokenizer": tokenizer})
         log.info(f"validation scores: {format_scores(scores)}")
         print(json.dumps(scores))
+    return 0
+
+
+def _tune_decoding(config, output_dir, checkpoint, records, references, caption, is_main):
+    """Score the decoding grid on the validation images (the first --val-max-images), write decoding.json."""
+    if config.val_max_images > 0:
+        records = records[: config.val_max_images]
+    references = {r.image_id: references[r.image_id] for r in records}
+    default = decoding.current(config)
+    log.info(f"tuning decoding on {len(records)} validation images with {checkpoint}")
+    tokenizers = []
+
+    def score(predictions):
+        scores, _, tokenizer = score_captions(references, predictions, meteor=False) if is_main else ({}, {}, None)
+        tokenizers.append(tokenizer)
+        return scores.get("CIDEr", 0.0)
+
+    rows = decoding.tune(lambda settings: caption(settings, records)[0], score, config)
+    if is_main:
+        decoding.save(output_dir, rows, default, checkpoint, len(records), tokenizers[-1])
+        print(decoding.table(rows, default))
+        log.info(f"best decoding: {decoding.describe(rows[0])}, validation CIDEr-D {rows[0]['CIDEr']:.4f} "
+                 f"(the run's own setting: {next(r['CIDEr'] for r in rows if {k: r[k] for k in decoding.KEYS} == default):.4f}); "
+                 f"written to {output_dir / decoding.DECODING_FILE}: later test runs use it")
     return 0

@@ -82,7 +82,7 @@ class SelfCritical:
     def take_stats(self):
         """Mean sampled reward and seconds spent computing rewards since the last call."""
         stats, self.stats = self.stats, self._no_stats()
-        return {"train_reward": stats["reward_sum"] / max(stats["rewards"], 1),
+        return {"train_reward": stats["reward_sum"] / stats["rewards"] if stats["rewards"] else None,
                 "reward_seconds": round(stats["reward_seconds"], 3)}
 
 
