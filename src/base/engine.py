@@ -25,7 +25,7 @@ from .checkpoint import (Progress, clear_run, has_training_state, load_training_
                          save_training_state)
 from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageSet, ImageTransform,
                    caption_token_ids, collate_images, default_num_workers, load_split, make_loader,
-                   with_captions)
+                   training_records, with_captions)
 from .distributed import Processes
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, log, seed_everything
@@ -157,6 +157,8 @@ def caption_in_shares(processes, model, records, transform, tokenizer, config, d
 
 def _load_records(config, split):
     records = with_captions(load_split(config.data_dir, split, config.drop_rejected, config.drop_precanned))
+    if split == "train":
+        records = training_records(records)  # empty captions count as references in scoring, not in training
     if not records:
         raise UserError(f"{Path(config.data_dir) / 'annotations' / (split + '.json')}: no image has a kept caption")
     return records
