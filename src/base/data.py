@@ -2,7 +2,7 @@
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +39,11 @@ def load_split(data_dir, split, drop_rejected=True, drop_precanned=True):
 def load_annotations(path, image_dir, drop_rejected=True, drop_precanned=True):
     """Read a VizWiz-Captions annotation file into one ImageRecord per image, in file order.
 
-    Captions flagged `is_rejected` / `is_precanned` are dropped unless asked otherwise. Images
-    are all kept here (the test split has no captions); callers that train or score use
-    `with_captions` to drop images left without any caption.
+    Captions flagged `is_rejected` / `is_precanned` are dropped unless asked otherwise. A
+    whitespace-only caption is kept as "": the official VizWiz evaluation scores against it as an
+    empty reference (`training_records` leaves it out of training). Images are all kept here (the
+    test split has no captions); callers that train or score use `with_captions` to drop images
+    left without any caption.
     """
     path, image_dir = Path(path), Path(image_dir)
     if not path.is_file():
@@ -76,14 +78,19 @@ def load_annotations(path, image_dir, drop_rejected=True, drop_precanned=True):
             continue
         if drop_precanned and annotation.get("is_precanned", False):
             continue
-        if caption.strip():
-            by_id[image_id].captions.append(caption.strip())
+        by_id[image_id].captions.append(caption.strip())
     return records
 
 
 def with_captions(records):
     """The records that still have at least one caption (others cannot be trained on or scored)."""
     return [record for record in records if record.captions]
+
+
+def training_records(records):
+    """The records without their empty captions, and without the images left with none: nothing to train on."""
+    trimmed = [replace(record, captions=[caption for caption in record.captions if caption]) for record in records]
+    return with_captions(trimmed)
 
 
 def _field(obj, name, kind, where):

@@ -24,7 +24,7 @@ from . import decoding, report
 from .checkpoint import (Progress, clear_run, has_training_state, load_training_state, save_best_model,
                          save_training_state)
 from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageSet, ImageTransform,
-                   collate_images, default_num_workers, load_split, make_loader, with_captions)
+                   collate_images, default_num_workers, load_split, make_loader, training_records, with_captions)
 from .distributed import Processes
 from .evaluate import format_scores, score_captions
 from .families import load_family
@@ -162,6 +162,8 @@ def caption_in_shares(processes, model, records, transform, family, config, devi
 
 def _load_records(config, split):
     records = with_captions(load_split(config.data_dir, split, config.drop_rejected, config.drop_precanned))
+    if split == "train":
+        records = training_records(records)  # empty captions count as references in scoring, not in training
     if not records:
         raise UserError(f"{Path(config.data_dir) / 'annotations' / (split + '.json')}: no image has a kept caption")
     return records

@@ -5,7 +5,8 @@
     python -m src.base.evaluate --annotations data/vizwiz/annotations/test.json --check-submission test_captions.json
 
 References are the annotation file's captions without rejected and precanned ones (the VizWiz
-evaluation default); images left with no reference are not scored. Captions are tokenised with
+evaluation default); a whitespace-only caption is an empty reference, as in the official VizWiz
+evaluation code; images left with no reference are not scored. Captions are tokenised with
 the Stanford PTB tokenizer (Java), then scored with BLEU-1..4, METEOR, ROUGE-L and CIDEr (the
 coco-caption CIDEr is CIDEr-D: clipped n-gram counts and a length penalty). Without Java the
 tokenisation is done in Python (src/base/ptb.py) and METEOR and SPICE are reported as unavailable.
@@ -113,16 +114,22 @@ def read_predictions(path):
 
 
 def references_from_annotations(annotation_file, drop_rejected=True, drop_precanned=True):
-    """{image_id: [captions]} for every image of `annotation_file` that keeps at least one caption."""
+    """{image_id: [captions]} for every image of `annotation_file` that keeps at least one caption, and the
+    set of all its image ids."""
     records = load_annotations(annotation_file, Path(annotation_file).parent, drop_rejected, drop_precanned)
-    return {r.image_id: r.captions for r in with_captions(records)}
+    return {r.image_id: r.captions for r in with_captions(records)}, {r.image_id for r in records}
 
 
-def check_coverage(references, predictions, predictions_path):
+def check_coverage(references, image_ids, predictions, predictions_path, annotation_file):
+    """Every scored image needs a caption; captions of images the annotation file does not have are ignored."""
     missing = [i for i in references if i not in predictions]
     if missing:
         raise UserError(f"{predictions_path}: no caption for {len(missing)} of {len(references)} scored images "
                         f"(first missing image_id: {missing[0]})")
+    unknown = [i for i in predictions if i not in image_ids]
+    if unknown:
+        log.warning(f"{predictions_path}: ignoring the captions of {len(unknown)} image ids that are not images of "
+                    f"{annotation_file} (first: {unknown[0]}); the official VizWiz evaluation refuses such a file")
 
 
 def format_scores(scores):
@@ -161,10 +168,22 @@ def check_submission(path, annotation_file):
             seen.add(image_id)
         if not isinstance(caption, str) or not caption.strip():
             problems.append(f"{where}: caption must be a non-empty string, got {caption!r:.40}")
+    problems += _wordless_captions(entries)
     missing = sorted(expected - seen)
     if missing:
         problems.append(f"{len(missing)} of {len(expected)} images have no caption (first: {missing[:5]})")
     return problems
+
+
+def _wordless_captions(entries):
+    """Captions that tokenise to nothing (only punctuation, "..."), tokenised as for scoring: they score 0."""
+    captions = {position: entry["caption"] for position, entry in enumerate(entries)
+                if isinstance(entry, dict) and isinstance(entry.get("caption"), str) and entry["caption"].strip()}
+    if not captions:
+        return []
+    tokens = tokenize({position: [caption] for position, caption in captions.items()}, java_available())
+    return [f"entry {position}: caption {caption!r:.40} has no words once tokenised for scoring (it scores 0)"
+            for position, caption in captions.items() if not tokens[position][0]]
 
 
 def paired_bootstrap(a, b, resamples=10_000, seed=0):
@@ -179,14 +198,50 @@ def paired_bootstrap(a, b, resamples=10_000, seed=0):
     return float(differences.mean()), float(low), float(high)
 
 
+def paired_permutation_p(a, b, samples=10_000, seed=0, exact_up_to=20):
+    """Two-sided p-value of the paired sign-flip permutation test of b - a, and "exact" or "sampled".
+
+    Under no difference each image's difference is as likely positive as negative: p is the share of
+    sign patterns whose |sum| is at least the observed one, over all 2^n patterns of the n non-zero
+    differences when n <= `exact_up_to`, else over `samples` random ones ((count + 1) / (samples + 1)).
+    """
+    differences = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    differences = differences[differences != 0]
+    observed = abs(differences.sum()) - 1e-9 * max(1.0, np.abs(differences).sum())  # ties count as extreme
+    exact = len(differences) <= exact_up_to
+    total = 2 ** len(differences) if exact else samples
+    rng, extreme, chunk = np.random.default_rng(seed), 0, 2 ** 16 if exact else 1000
+    for start in range(0, total, chunk):
+        count = min(chunk, total - start)
+        if exact:  # the bits of the pattern numbers start..start+count-1 say which differences flip sign
+            negative = (np.arange(start, start + count)[:, None] >> np.arange(len(differences))) & 1
+        else:
+            negative = rng.integers(0, 2, (count, len(differences)), dtype=np.int8)
+        sums = differences.sum() - 2 * (negative @ differences)
+        extreme += int((np.abs(sums) >= observed).sum())
+    return (extreme / total, "exact") if exact else ((extreme + 1) / (samples + 1), "sampled")
+
+
+def verdict(low, high, p, alpha=0.05):
+    """A run is better only when the 95% bootstrap interval excludes 0 and the permutation p is below `alpha`."""
+    if p < alpha and low > 0:
+        return "B is better"
+    if p < alpha and high < 0:
+        return "A is better"
+    return "no significant difference"
+
+
 def compare(references, predictions_a, predictions_b, tokenizer):
-    """Per-image CIDEr-D of two prediction files over the same references, and the bootstrap interval of B - A."""
+    """Per-image CIDEr-D of two prediction files over the same references; the bootstrap interval and the
+    sign-flip permutation p-value of B - A, and the verdict of the two."""
     _, per_a, used = score_captions(references, predictions_a, meteor=False, tokenizer=tokenizer)
     _, per_b, _ = score_captions(references, predictions_b, meteor=False, tokenizer=tokenizer)
     ids = list(references)
     a, b = [per_a[i]["CIDEr"] for i in ids], [per_b[i]["CIDEr"] for i in ids]
     mean, low, high = paired_bootstrap(a, b)
+    p, method = paired_permutation_p(a, b)
     return {"CIDEr_A": float(np.mean(a)), "CIDEr_B": float(np.mean(b)), "difference": mean, "ci95": [low, high],
+            "p_value": p, "p_method": method, "verdict": verdict(low, high, p),
             "B_better_images": int(sum(y > x for x, y in zip(a, b))), "A_better_images": int(sum(x > y for x, y in zip(a, b))),
             "images": len(ids), "tokenizer": used, "per_image": {i: y - x for i, x, y in zip(ids, a, b)}}
 
@@ -205,7 +260,8 @@ def main(argv=None):
     parser.add_argument("--tokenizer", choices=["auto", "ptb", "python"], default="auto",
                         help="ptb: Stanford PTB (Java), as the challenge server; python: no Java; auto: ptb when Java is there")
     parser.add_argument("--compare", metavar="B.json", help="a second predictions file: per-image CIDEr-D differences "
-                                                            "B - A and a paired bootstrap 95%% interval")
+                                                            "B - A, a paired bootstrap 95%% interval and a paired "
+                                                            "sign-flip permutation p-value")
     parser.add_argument("--check-submission", metavar="FILE", help="check FILE against --annotations (the test split) "
                                                                    "for what the challenge server needs")
     args = parser.parse_args(argv)
@@ -221,24 +277,24 @@ def main(argv=None):
         return 1 if problems else 0
     if not args.predictions:
         raise UserError("give --predictions (or --check-submission)")
-    references = references_from_annotations(args.annotations, not args.keep_rejected and C.DROP_REJECTED,
-                                             not args.keep_precanned and C.DROP_PRECANNED)
+    references, image_ids = references_from_annotations(args.annotations, not args.keep_rejected and C.DROP_REJECTED,
+                                                        not args.keep_precanned and C.DROP_PRECANNED)
     if not references:
         raise UserError(f"{args.annotations}: no image has a reference caption to score against")
     predictions = read_predictions(args.predictions)
-    check_coverage(references, predictions, args.predictions)
+    check_coverage(references, image_ids, predictions, args.predictions, args.annotations)
     if args.compare:
         other = read_predictions(args.compare)
-        check_coverage(references, other, args.compare)
+        check_coverage(references, image_ids, other, args.compare, args.annotations)
         result = compare(references, predictions, other, args.tokenizer)
         if args.json:
             print(json.dumps({k: v for k, v in result.items() if k != "per_image"}))
         else:
             low, high = result["ci95"]
-            verdict = "B is better" if low > 0 else "A is better" if high < 0 else "no significant difference"
             print(f"{result['images']} images, tokenizer: {TOKENIZERS[result['tokenizer']]}\n"
-                  f"CIDEr-D  A {result['CIDEr_A']:.4f}  B {result['CIDEr_B']:.4f}  B - A {result['difference']:+.4f}  "
-                  f"95% paired bootstrap interval [{low:+.4f}, {high:+.4f}]: {verdict}\n"
+                  f"CIDEr-D  A {result['CIDEr_A']:.4f}  B {result['CIDEr_B']:.4f}  B - A {result['difference']:+.4f}\n"
+                  f"95% paired bootstrap interval [{low:+.4f}, {high:+.4f}], sign-flip permutation "
+                  f"p = {result['p_value']:.4g} ({result['p_method']}, {result['images']} images): {result['verdict']}\n"
                   f"images where B scores higher: {result['B_better_images']}, lower: {result['A_better_images']}")
         return 0
     scores, _, used = score_captions(references, {i: predictions[i] for i in references}, meteor=not args.no_meteor,
