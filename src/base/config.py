@@ -51,6 +51,7 @@ class RunConfig:
     compile: bool = False
     scst_samples: int = 5
     scst_baseline: str = "mean"
+    exact_preprocessing: bool = False
 
     def save(self):
         write_json_atomic(Path(self.output_dir) / CONFIG_FILE, dataclasses.asdict(self))
@@ -69,7 +70,7 @@ def defaults(method):
         val_max_images=C.VAL_MAX_IMAGES, val_meteor=C.VAL_METEOR, lora_r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT,
         lora_targets=C.LORA_TARGETS, strict=C.STRICT, objective="xe", grad_accum=C.GRAD_ACCUM,
         grad_checkpointing=C.GRAD_CHECKPOINTING, compile=C.COMPILE, scst_samples=C.SCST_SAMPLES,
-        scst_baseline=C.SCST_BASELINE,
+        scst_baseline=C.SCST_BASELINE, exact_preprocessing=C.EXACT_PREPROCESSING,
     )
 
 
@@ -187,6 +188,9 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
     p.add_argument("--min-new-tokens", type=int, help="shortest generated caption, in tokens")
     p.add_argument("--max-caption-tokens", type=int, help="training captions are cut to this many tokens")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (-1 = from NSLOTS / CPU count)")
+    p.add_argument("--exact-preprocessing", action=argparse.BooleanOptionalAction,
+                   help="decode JPEGs at full size, so pixels equal BlipImageProcessor's (default: reduced-size "
+                        "decoding, faster, close but not equal; the image cache is then not used)")
     p.add_argument("--val-max-images", type=int, help="score only the first N validation images (0 = all)")
     p.add_argument("--val-meteor", action=argparse.BooleanOptionalAction,
                    help="also compute METEOR at each validation (slow: a Java process per validation)")

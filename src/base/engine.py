@@ -281,7 +281,7 @@ class Trainer:
             loss_model.compile(dynamic=True, backend=C.COMPILE_BACKEND)
         self.loss_model = self.processes.wrap(loss_model)
         bos, eos, pad = decoder_token_ids(self.model)
-        self.transform = ImageTransform(self.processor.image_processor)
+        self.transform = ImageTransform(self.processor.image_processor, use_draft=not config.exact_preprocessing)
         tokens = caption_token_ids(self.processor.tokenizer, self.train_records, config.max_caption_tokens, bos, eos)
         train_set = CaptionTrainingSet(self.train_records, self.transform, tokens)
         self.sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed,

@@ -100,8 +100,9 @@ def test_main(method, argv=None):
         records = with_captions(records)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
              f"(beams {config.num_beams}, batch {config.eval_batch_size}, precision {precision})")
-    predictions, bad = caption_in_shares(processes, model, records, ImageTransform(processor.image_processor),
-                                         processor.tokenizer, config, device, precision, f"captioning {args.split}")
+    transform = ImageTransform(processor.image_processor, use_draft=not config.exact_preprocessing)
+    predictions, bad = caption_in_shares(processes, model, records, transform, processor.tokenizer, config, device,
+                                         precision, f"captioning {args.split}")
     if not processes.is_main:
         return 0
     captions = [{"image_id": r.image_id, "caption": predictions[r.image_id]} for r in records]

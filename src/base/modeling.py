@@ -37,6 +37,20 @@ def load_captioner(checkpoint, fused_attention=True):
     return use_fused_vision_attention(model) if fused_attention else model
 
 
+def legacy_tied_weights(model):
+    """Weights that transformers 5 leaves out of a saved BLIP because they are tied, but transformers 4.x needs.
+
+    4.x does not tie BLIP's LM head to the word embeddings: loading a file without the head's own copy, it
+    starts the head at random (with only a warning) and every caption is wrong. Returns {name: copy} to save
+    beside the model's weights; empty when the head is not tied (save_pretrained then writes it itself).
+    """
+    text = core_model(model).text_decoder
+    head = text.cls.predictions.decoder.weight
+    if head is not text.bert.embeddings.word_embeddings.weight:
+        return {}
+    return {"text_decoder.cls.predictions.decoder.weight": head.detach().clone()}
+
+
 def _fused_vision_attention(self, hidden_states, **kwargs):
     """BlipAttention.forward with torch's fused scaled_dot_product_attention: same maths, no N x N matrix in memory."""
     batch, tokens, width = hidden_states.shape
