@@ -138,7 +138,8 @@ def test_the_old_libraries_run_with_this_torch(old_env, old_results):
         name, version = package.split("==")
         assert modules[name]["version"] == version
         assert Path(modules[name]["file"]).is_relative_to(old_env)
-    assert modules["torch"]["version"] == torch.__version__ and not Path(modules["torch"]["file"]).is_relative_to(old_env)
+    assert modules["torch"]["version"] == torch.__version__
+    assert not Path(modules["torch"]["file"]).is_relative_to(old_env)
 
 
 def test_full_model_loads_in_transformers_4_with_the_same_logits(saved, old_results):
@@ -189,7 +190,8 @@ def test_saved_files_follow_the_umask(tmp_path, tiny_blip):
     model, processor = load_captioner(tiny_blip), load_processor(tiny_blip)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    config = resolve(FT, training_parser("x").parse_args(["--checkpoint", str(tiny_blip), "--output-dir", str(tmp_path)]))
+    argv = ["--checkpoint", str(tiny_blip), "--output-dir", str(tmp_path)]
+    config = resolve(FT, training_parser("x").parse_args(argv))
     previous = os.umask(0o027)
     try:
         save_best_model(tmp_path, model, processor)
@@ -197,6 +199,7 @@ def test_saved_files_follow_the_umask(tmp_path, tiny_blip):
         save_training_state(tmp_path, model, optimizer, scheduler, None, Progress(), config)
     finally:
         os.umask(previous)
-    saved = [path for directory in ("best_model", "lora/best_model", "state") for path in (tmp_path / directory).rglob("*")]
+    saved = [path for directory in ("best_model", "lora/best_model", "state")
+             for path in (tmp_path / directory).rglob("*")]
     assert any(path.suffix == ".safetensors" for path in saved)
     assert {oct(path.stat().st_mode & 0o777) for path in saved if path.is_file()} == {oct(0o640)}

@@ -157,7 +157,7 @@ def _differences(transform, processor_pixels):
 
 
 def test_exact_preprocessing_equals_blip_image_processor(blip_image_processor, processor_pixels):
-    """--exact-preprocessing: the checkpoint's own BlipImageProcessor's pixels, to float rounding, on every real photo."""
+    """--exact-preprocessing: the checkpoint's own BlipImageProcessor's pixels, to float rounding, on each photo."""
     differences = _differences(ImageTransform(blip_image_processor, use_draft=False), processor_pixels)
     assert max(float(d.max()) for d in differences) < 1e-6
 
