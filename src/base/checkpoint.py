@@ -5,6 +5,7 @@ leaves either the previous or the new copy complete, never half of one.
 """
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .helpers import UserError, fsync_dir, recover_dir, replace_dir_atomic, rng_state, set_rng_state, write_json_atomic
+from .modeling import core_model
 
 STATE_DIR = "state"
 BEST_DIR = "best_model"
@@ -89,12 +91,60 @@ def load_training_state(output_dir, model, optimizer, scheduler, scaler):
     return progress
 
 
-def save_best_model(output_dir, model, processor):
-    """Write `best_model/` (full model, or the LoRA adapter) with its processor, atomically."""
+# The fields peft 0.11's LoraConfig knows; peft 0.11-0.13 refuse an adapter_config.json with any other key.
+OLD_PEFT_LORA_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
+                      "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
+                      "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+                      "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "use_dora",
+                      "layer_replication"}
+
+
+def save_best_model(output_dir, model, family):
+    """Write `best_model/` (full model, or the LoRA adapter) with its family's processor, atomically.
+
+    Others load it with other library versions (a grader on transformers 4.x, older peft), so it is written
+    the way those read it too: with the weights 4.x does not tie (`family.legacy_weights`), an adapter config
+    without keys older peft refuses, and the processor's parts in their own files.
+    """
+    processor = family.processor
+
     def write(tmp):
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        if model is core_model(model):
+            model.save_pretrained(tmp, state_dict={**model.state_dict(), **family.legacy_weights(model)})
+        else:
+            model.save_pretrained(tmp)
+            _drop_new_default_lora_keys(tmp / "adapter_config.json")
+        _save_processor(processor, tmp)
     _write_dir_atomic(Path(output_dir) / BEST_DIR, write)
+
+
+def _drop_new_default_lora_keys(config_file):
+    """Keep the keys older peft knows, and newer ones only where they differ from their default (so a setting in
+    use is never dropped: older peft then refuses the adapter instead of loading another one)."""
+    from peft import LoraConfig
+
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(LoraConfig)}
+    config = json.loads(config_file.read_text())
+    kept = {key: value for key, value in config.items()
+            if key in OLD_PEFT_LORA_KEYS or (key != "peft_version" and value != defaults.get(key))}
+    write_json_atomic(config_file, kept)
+
+
+def _save_processor(processor, directory):
+    """The processor as transformers 5 writes it, plus each part's own files (preprocessor_config.json, the
+    tokenizer's), which is what 4.x reads. processor_config.json keeps only the processor's own settings, or goes
+    when it has none, as on the hub: 4.x passes its keys to the processor and fails on the parts nested in it."""
+    processor.save_pretrained(directory)
+    parts = processor.get_attributes()
+    for name in parts:
+        getattr(processor, name).save_pretrained(directory)
+    config_file = directory / "processor_config.json"
+    own = {key: value for key, value in json.loads(config_file.read_text()).items() if key not in parts}
+    if set(own) - {"processor_class"}:
+        write_json_atomic(config_file, own)
+    else:
+        config_file.unlink()
 
 
 def _write_dir_atomic(final_dir, write):
@@ -106,11 +156,22 @@ def _write_dir_atomic(final_dir, write):
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         write(tmp)
+        _apply_umask(tmp)
         fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir_atomic(tmp, final_dir)
+
+
+def _apply_umask(directory):
+    """Give every file the permissions the user's umask allows: safetensors writes its files 0600, which the
+    rest of a shared cluster's group (a classmate, the grader) cannot read."""
+    umask = os.umask(0o077)  # the only way to read it; set back at once
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 RUN_FILES = [STATE_DIR, STATE_DIR + ".old", STATE_DIR + ".tmp", BEST_DIR, BEST_DIR + ".old", BEST_DIR + ".tmp",

@@ -56,6 +56,7 @@ class RunConfig:
     eval_at_start: bool = True
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
+    exact_preprocessing: bool = False
 
     def save(self):
         write_json_atomic(Path(self.output_dir) / CONFIG_FILE, dataclasses.asdict(self))
@@ -76,6 +77,7 @@ def defaults(method):
         grad_checkpointing=C.GRAD_CHECKPOINTING, compile=C.COMPILE, scst_samples=C.SCST_SAMPLES,
         scst_baseline=C.SCST_BASELINE, label_smoothing=C.LABEL_SMOOTHING, prompt=C.PROMPT,
         eval_at_start=C.EVAL_AT_START, length_penalty=C.LENGTH_PENALTY, repetition_penalty=C.REPETITION_PENALTY,
+        exact_preprocessing=C.EXACT_PREPROCESSING,
     )
 
 
@@ -206,6 +208,9 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
     p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens (1 = none)")
     p.add_argument("--max-caption-tokens", type=int, help="training captions are cut to this many tokens")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (-1 = from NSLOTS / CPU count)")
+    p.add_argument("--exact-preprocessing", action=argparse.BooleanOptionalAction,
+                   help="decode JPEGs at full size, so pixels equal BlipImageProcessor's (default: reduced-size "
+                        "decoding, faster, close but not equal; the image cache is then not used)")
     p.add_argument("--val-max-images", type=int, help="score only the first N validation images (0 = all)")
     p.add_argument("--val-meteor", action=argparse.BooleanOptionalAction,
                    help="also compute METEOR at each validation (slow: a Java process per validation)")

@@ -55,6 +55,7 @@ DROP_REJECTED = _env("DROP_REJECTED", True)      # captions flagged is_rejected 
 DROP_PRECANNED = _env("DROP_PRECANNED", True)    # "Quality issues are too severe ..." captions
 MAX_CAPTION_TOKENS = _env("MAX_CAPTION_TOKENS", 40)  # longer captions are truncated (incl. [DEC] and [SEP])
 NUM_WORKERS = _env("NUM_WORKERS", -1)            # DataLoader workers; -1 = from NSLOTS / CPU count
+EXACT_PREPROCESSING = _env("EXACT_PREPROCESSING", False)  # decode JPEGs at full size: pixels equal BlipImageProcessor's
 
 # ---- optimisation ----------------------------------------------------------
 EPOCHS = _env("EPOCHS", 5)

@@ -166,7 +166,9 @@ class ImageTransform:
     """Resize + rescale + normalise exactly as the checkpoint's BLIP image processor does, in numpy.
 
     The settings are read from the processor saved with the checkpoint, so BLIP-base, BLIP-large
-    and the tiny demo model each get their own size and statistics.
+    and the tiny demo model each get their own size and statistics. `use_draft` (the default) decodes
+    JPEGs at reduced size: faster, and close to the processor's pixels on a full decode but not equal
+    (tests/test_data.py measures it); without it, pixels equal the processor's (--exact-preprocessing).
     """
 
     def __init__(self, image_processor, use_draft=True):

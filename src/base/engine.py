@@ -287,7 +287,7 @@ class Trainer:
         if config.compile:  # the training loss only (caption lengths vary: dynamic shapes); generation runs eagerly
             loss_model.compile(dynamic=True, backend=C.COMPILE_BACKEND)
         self.loss_model = self.processes.wrap(loss_model)
-        self.transform = ImageTransform(self.processor.image_processor)
+        self.transform = ImageTransform(self.processor.image_processor, use_draft=not config.exact_preprocessing)
         tokens = [self.family.training_sequences(r.captions, config.max_caption_tokens) for r in self.train_records]
         train_set = CaptionTrainingSet(self.train_records, self.transform, tokens)
         self.sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed,
@@ -481,7 +481,7 @@ class Trainer:
 
     def _save_best(self, predictions, per_image):
         try:
-            save_best_model(self.output_dir, self.model, self.processor)
+            save_best_model(self.output_dir, self.model, self.family)
         except OSError as error:
             log.error(f"could not save {self.output_dir / 'best_model'} ({error}); the previous best model is kept "
                       f"and the next validation tries again")

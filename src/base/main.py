@@ -107,7 +107,7 @@ def test_main(method, argv=None):
     records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)
     if args.split == "val":
         records = with_captions(records)
-    transform = ImageTransform(family.processor.image_processor)
+    transform = ImageTransform(family.processor.image_processor, use_draft=not config.exact_preprocessing)
     references = {r.image_id: r.captions for r in records}
 
     def caption(settings, records=records):

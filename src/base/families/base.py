@@ -105,6 +105,10 @@ class Family:
         by image, each starting with `prefix`. `image_features` come from encode_images."""
         raise NotImplementedError
 
+    def legacy_weights(self, model):
+        """Weights to save beside the model's own so that older transformers (4.x) load it right: {name: tensor}."""
+        return {}
+
     # ---- built from the pieces above, the same for every family
 
     def loss(self, model, batch, label_smoothing=0.0):

@@ -65,6 +65,16 @@ class Blip(Family):
                                         max_new_tokens=max_new_tokens, min_new_tokens=0, **sampling)
 
 
+    def legacy_weights(self, model):
+        """transformers 5 ties BLIP's LM head to the word embeddings and leaves it out of the saved file; 4.x does
+        not tie it, starts it at random (with only a warning) and every caption is wrong. Save the head's own copy."""
+        text = core_model(model).text_decoder
+        head = text.cls.predictions.decoder.weight
+        if head is not text.bert.embeddings.word_embeddings.weight:
+            return {}  # not tied: save_pretrained writes it itself
+        return {"text_decoder.cls.predictions.decoder.weight": head.detach().clone()}
+
+
 def _fused_vision_attention(self, hidden_states, **kwargs):
     """BlipAttention.forward with torch's fused scaled_dot_product_attention: same maths, no N x N matrix in memory."""
     batch, tokens, width = hidden_states.shape
