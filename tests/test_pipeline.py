@@ -47,11 +47,12 @@ def test_full_fine_tuning_learns_and_best_model_reproduces(ft_run, tiny_blip, de
     metrics = read_metrics(ft_run)
     best = max(m["CIDEr"] for m in metrics)
     assert blind_cider < 1.2
-    assert untrained < 0.2
+    assert untrained < blind_cider / 2  # random words: far below even the best constant caption
     assert best > blind_cider + 0.6, (best, blind_cider)
     assert metrics[-1]["best_CIDEr"] == best
     assert all(key in metrics[0] for key in ("step", "epoch", "train_loss", "CIDEr"))
-    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert metrics[0]["step"] == 0 and metrics[0]["train_loss"] is None  # the starting model, before any training
+    assert metrics[-1]["train_loss"] < metrics[1]["train_loss"]
 
     reproduced = val_cider(run_module("src.ft.test", "--output-dir", ft_run, "--split", "val"))
     assert reproduced == pytest.approx(best, abs=1e-9)
