@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from src.base.data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageRecord, ImageTransform,
-                           load_split, with_captions)
+                           StandIn, load_split, with_captions)
 from src.base.families import load_captioner, load_family
 from src.base.families.blip import Blip
 
@@ -117,6 +117,25 @@ def test_epoch_order_depends_only_on_seed_and_epoch_and_resumes_mid_epoch():
     assert EpochBatchSampler(23, 4, seed=5).batches(0) == epoch0
     sampler.set_epoch(0, skip_batches=2)
     assert list(sampler) == epoch0[2:] and len(sampler) == len(epoch0) - 2
+
+
+def test_a_batch_smaller_than_the_processes_gives_each_image_to_one_process_and_stand_ins_to_the_others():
+    world = 4
+    last = [list(EpochBatchSampler(10, 8, seed=5, rank=rank, world=world))[-1] for rank in range(world)]
+    real = [i for share in last for i in share if not isinstance(i, StandIn)]
+    assert sorted(real) == sorted(EpochBatchSampler(10, 8, seed=5).batches(0)[-1])  # the 2 images, each once
+    assert [len(share) for share in last] == [1] * world
+    assert [isinstance(share[0], StandIn) for share in last] == [False, False, True, True]
+
+
+def test_a_stand_in_batch_is_marked_and_a_real_one_is_not(tiny, records):
+    _, family = tiny
+    tokens = [family.training_sequences(r.captions, 40) for r in records]
+    dataset = CaptionTrainingSet(records, ImageTransform(family.processor.image_processor), tokens)
+    collate = CaptionCollator(family.pad_id, len(family.prefix))
+    stand_in, real = collate([dataset[StandIn(2)]]), collate([dataset[2]])
+    assert stand_in["stand_in"] and not real["stand_in"]
+    assert torch.equal(stand_in["input_ids"], real["input_ids"])  # a real image: its loss is finite, weighted 0
 
 
 def test_fused_vision_attention_matches_transformers_attention(tiny_blip):

@@ -7,11 +7,18 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, REPO, read_metrics, run_module
+from src.base.helpers import process_seed
 
 STEPS = ["--lr", "1e-3", "--max-steps", "20", "--eval-every", "5", "--val-max-images", "16", "--seed", "3"]
+# LoRA with dropout, one image per step: on 2 processes, process 1 trains on a stand-in with zero weight
+ONE_IMAGE_WITH_DROPOUT = ["--batch-size", "1", "--lora-dropout", "0.1", "--lr", "1e-3", "--max-steps", "12",
+                          "--eval-every", "4", "--val-max-images", "4", "--seed", "3"]
+TIMINGS = {"elapsed_seconds", "train_captions_per_second", "val_seconds", "peak_memory_gb", "device_hours",
+           "num_processes"}
 
 
 def torchrun(module, *args, processes=2):
@@ -21,6 +28,110 @@ def torchrun(module, *args, processes=2):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def multi_gpu_train(method, *args, processes=2):
+    """multi_gpu_train.sh as a job runs it, started (not waited for)."""
+    env = {**os.environ, "VENV_DIR": sys.prefix, "NGPUS": str(processes), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(["bash", "multi_gpu_train.sh", method, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_after_first_validation(job, output_dir):
+    """SIGUSR1 (SGE's -notify) once the run has validated; the job's output after it exits."""
+    deadline = time.time() + 300
+    while not (output_dir / "metrics.jsonl").is_file() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    return job.communicate(timeout=300)[0]
+
+
+def saved_rng_states(output_dir):
+    return torch.load(output_dir / "state" / "optimizer.pt", weights_only=True)["rng"]
+
+
+def comparable_metrics(output_dir):
+    return [{k: v for k, v in line.items() if k not in TIMINGS} for line in read_metrics(output_dir)]
+
+
+def test_each_process_has_a_seed_of_its_own_and_rank_0_that_of_a_one_process_run():
+    seeds = [process_seed(42, rank) for rank in range(8)]
+    assert seeds[0] == 42 and len(set(seeds)) == 8
+    assert process_seed(43, 1) != seeds[1] and process_seed(42, 1) == seeds[1]
+
+
+def test_a_batch_smaller_than_the_processes_trains_like_one_and_each_process_resumes_its_dropout(tmp_path, tiny_blip,
+                                                                                                demo_data):
+    """One image per step on 2 processes: process 0 trains on it exactly as one process would (same seed, same
+    dropout masks), process 1 on a stand-in with zero weight, so weights and metrics match one process bit for bit
+    and no image is counted twice. Stopped by SIGUSR1 and resubmitted, the run replays every process's random
+    numbers: its weights, metrics and final random-number states are those of an uninterrupted run."""
+    args = ["--data-dir", demo_data, "--checkpoint", tiny_blip, *FAST, *ONE_IMAGE_WITH_DROPOUT]
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    run_module("src.peft.train", *args, "--output-dir", one, env={"OMP_NUM_THREADS": "1"})  # as torchrun sets it
+    torchrun("src.peft.train", *args, "--output-dir", two)
+
+    job = multi_gpu_train("peft", *args, "--output-dir", resumed)
+    output = stop_after_first_validation(job, resumed)
+    assert job.returncode == 99, output[-3000:]
+    stopped_at = json.loads((resumed / "state" / "progress.json").read_text())["step"]
+    assert 4 <= stopped_at < 12, output[-3000:]
+    rerun = multi_gpu_train("peft", *args, "--output-dir", resumed)
+    output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0 and "resumed from" in output, output[-3000:]
+
+    w_one, w_two, w_resumed = (load_file(run / "state" / "trainable.safetensors") for run in (one, two, resumed))
+    assert w_one.keys() == w_two.keys() == w_resumed.keys()
+    assert all(torch.equal(w_one[k], w_two[k]) for k in w_one)
+    assert all(torch.equal(w_two[k], w_resumed[k]) for k in w_two)
+    assert comparable_metrics(one) == comparable_metrics(two) == comparable_metrics(resumed)
+    assert read_metrics(two)[-1]["images_seen"] == 12  # not 24: the stand-ins are not counted
+
+    rng_two, rng_resumed = saved_rng_states(two), saved_rng_states(resumed)
+    assert len(rng_two) == len(rng_resumed) == 2
+    assert not torch.equal(rng_two[0]["torch"], rng_two[1]["torch"])  # each process its own dropout masks
+    for state, replayed in zip(rng_two, rng_resumed):
+        assert torch.equal(state["torch"], replayed["torch"])
+
+
+# SCST under torchrun, recording every sampled caption's reward on each process
+RECORD_REWARDS = r"""
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+from src.base import objectives
+from src.base.main import train_main
+from src.ft.method import METHOD
+
+reward = objectives.SelfCritical.rewards
+
+def recorded(self, image_ids, sequences):
+    scores = reward(self, image_ids, sequences)
+    with open(os.path.join(sys.argv[1], f"rewards-{os.environ['RANK']}.json"), "a") as f:
+        f.write(json.dumps(scores.tolist()) + "\n")
+    return scores
+
+objectives.SelfCritical.rewards = recorded
+raise SystemExit(train_main(METHOD, sys.argv[2:]))
+"""
+
+
+def test_scst_train_reward_is_the_mean_over_all_processes(tmp_path, tiny_blip, demo_data):
+    script, out = tmp_path / "record_rewards.py", tmp_path / "run"
+    script.write_text(RECORD_REWARDS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(tmp_path), "--data-dir", str(demo_data), "--checkpoint", str(tiny_blip), "--output-dir", str(out),
+               *FAST, "--objective", "scst", "--scst-samples", "3", "--batch-size", "6", "--max-steps", "2",
+               "--eval-every", "2", "--val-max-images", "2", "--lr", "1e-4"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_rank = [[r for line in (tmp_path / f"rewards-{rank}.json").read_text().splitlines() for r in json.loads(line)]
+                for rank in (0, 1)]
+    assert [len(rewards) for rewards in per_rank] == [2 * 3 * 3, 2 * 3 * 3]  # 2 steps x 3 images x 3 samples each
+    everything = per_rank[0] + per_rank[1]
+    mean_of_all, mean_of_rank_0 = sum(everything) / len(everything), sum(per_rank[0]) / len(per_rank[0])
+    assert abs(mean_of_all - mean_of_rank_0) > 1e-3  # the processes' rewards differ: the check can fail
+    assert read_metrics(out)[-1]["train_reward"] == pytest.approx(mean_of_all, rel=1e-9)
 
 
 def test_two_processes_train_like_one_and_survive_an_sge_signal(tmp_path, tiny_blip, demo_data):

@@ -21,7 +21,7 @@ import src.base.objectives as objectives
 from conftest import FAST, REPO, SAMPLE, read_metrics, run_module
 from scripts.make_demo_assets import make_dataset
 from src.base.config import resolve, training_parser
-from src.base.engine import EXIT_NONFINITE, EXIT_STOPPED, Trainer
+from src.base.engine import EXIT_NONFINITE, EXIT_STOPPED, Trainer, tf32_allowed
 from src.base.helpers import setup_logging
 from src.base.main import resume_main, train_main
 from src.ft.method import METHOD as FT
@@ -369,6 +369,92 @@ def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, monke
     assert state["nonfinite_in_a_row"] < 5  # saved before the streak was long enough to stop
     assert "5 non-finite losses in a row" in (out / "train.log").read_text()
 
+
+
+def _nan_gradients(monkeypatch, calls=None):
+    """The first `calls` training losses (all, if None) keep their value but get a NaN gradient, as an fp16
+    overflow leaves them."""
+    seen = []
+    original = objectives.caption_loss
+
+    def loss_with_nan_gradient(model, batch):
+        seen.append(1)
+        loss = original(model, batch)
+        if calls is None or len(seen) <= calls:
+            weight = next(p for p in model.parameters() if p.requires_grad)
+            loss = loss + (weight.sum() * 0).sqrt()  # adds 0; its gradient is inf * 0
+        return loss
+
+    monkeypatch.setattr(objectives, "caption_loss", loss_with_nan_gradient)
+
+
+def _fp16_trainer(config):
+    """A Trainer with fp16's loss scaler: the real GradScaler (on the CPU, where training runs in fp32)."""
+    trainer = Trainer(FT, config)
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    return trainer
+
+
+def test_steps_the_fp16_loss_scaler_skips_change_nothing_and_a_few_at_the_start_are_normal(tmp_path, monkeypatch,
+                                                                                            tiny_blip, demo_data):
+    _nan_gradients(monkeypatch, calls=8)  # more than MAX_NONFINITE_IN_A_ROW
+    out = tmp_path / "run"
+    config = _config("ft", *_argv(demo_data, tiny_blip, out), "--max-steps", "10", "--eval-every", "10")
+    setup_logging(out / "train.log")
+    trainer = _fp16_trainer(config)
+    assert trainer.run() == 0
+    # 10 real updates: the optimizer, the learning-rate schedule and the step count agree
+    assert {int(state["step"]) for state in trainer.optimizer.state.values()} == {10}
+    assert trainer.scheduler.last_epoch == trainer.progress.step == 10
+    assert trainer.scaler.get_scale() == 2.0 ** (16 - 8)  # halved at each skip
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [10]  # no validation for the skipped batches at step 0
+    assert metrics[0]["scaler_skips"] == 8 and metrics[0]["nonfinite_steps"] == 0
+    assert metrics[0]["images_seen"] == 10 * 8
+
+
+def test_fp16_overflows_at_a_loss_scale_of_1_or_less_count_as_non_finite(tmp_path, monkeypatch, tiny_blip,
+                                                                         demo_data):
+    _nan_gradients(monkeypatch)  # for good
+    out = tmp_path / "run"
+    setup_logging(out / "train.log")
+    trainer = _fp16_trainer(_config("ft", *_argv(demo_data, tiny_blip, out)))
+    assert trainer.run() == EXIT_NONFINITE
+    p = trainer.progress
+    # the scale halves from 2**16 to 2 without counting, then 5 overflows at scales 1 .. 1/16 stop the run
+    assert (p.step, p.scaler_skips, p.nonfinite_total) == (0, 16, 5)
+    assert trainer.scheduler.last_epoch == 0 and not trainer.optimizer.state
+    assert "5 non-finite losses in a row" in (out / "train.log").read_text()
+
+
+def test_fp32_means_fp32_tf32_only_with_autocast_or_when_asked(tmp_path, tiny_blip, demo_data):
+    assert not tf32_allowed("fp32", False)
+    assert tf32_allowed("fp32", True) and tf32_allowed("bf16", False) and tf32_allowed("fp16", False)
+    argv = _argv(demo_data, tiny_blip, tmp_path)
+    assert _config("ft", *argv).tf32 is False and _config("ft", *argv, "--tf32").tf32 is True
+
+
+# ---------------------------------------------------------------- logs
+
+def test_a_1000_step_run_draws_its_progress_bar_a_few_times_in_a_log_file(tmp_path, capfd, tiny_blip, demo_data):
+    """The real Trainer with the update itself made instant (the loop, the data, the validations, the bar and its
+    postfix are real): a job's log (stderr is not a terminal) gets a bar line per minute, not one per step."""
+    out = tmp_path / "run"
+    config = _config("ft", *_argv(demo_data, tiny_blip, out), "--batch-size", "1", "--max-steps", "1000",
+                     "--eval-every", "0", "--save-every", "0", "--val-max-images", "2")
+    setup_logging(out / "train.log")
+    trainer = Trainer(FT, config)
+    trainer.train_batch = lambda batch: (2.5, True)
+    started = time.time()
+    assert trainer.run() == 0
+    minutes = (time.time() - started) / 60
+    stdout, stderr = capfd.readouterr()
+    assert trainer.progress.step == 1000
+    bar_lines = re.split(r"[\r\n]", stderr)
+    assert 1 <= sum("training:" in line for line in bar_lines) <= 2 + minutes  # opened, closed, once a minute
+    assert len(stderr) < 20_000, stderr[-2000:]
+    for log in (stdout, (out / "train.log").read_text()):
+        assert log.count("\n") < 40, log[-2000:]  # a few lines per validation, none per step
 
 # ---------------------------------------------------------------- secrets
 

@@ -39,6 +39,7 @@ class Progress:
     eval_pending: bool = False    # a validation was due at `step` but a signal cut it short
     nonfinite_in_a_row: int = 0   # skipped updates (NaN/inf loss or gradient)
     nonfinite_total: int = 0
+    scaler_skips: int = 0         # updates the fp16 loss scaler skipped to lower its scale (not faults)
     bad_images: list = field(default_factory=list)  # unreadable training images, one message each
     bad_images_reported: int = 0  # how many of them metrics.jsonl already lists
 
@@ -48,15 +49,17 @@ def trainable_state(model):
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_training_state(output_dir, model, optimizer, scheduler, scaler, progress, config):
+def save_training_state(output_dir, model, optimizer, scheduler, scaler, progress, config, rng_states=None):
     """Write `state/`: trained weights, optimizer, scheduler, scaler, RNG, progress and the run's config.
 
+    `rng_states`: every process's RNG state, in rank order (default: this process's alone).
     Raises OSError (disk full, no permission) with the previous `state/` untouched.
     """
     def write(tmp):
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()},
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng_states or [rng_state()]},
                    tmp / "optimizer.pt")
         write_json_atomic(tmp / "progress.json", dataclasses.asdict(progress))
         write_json_atomic(tmp / "config.json", dataclasses.asdict(config))
@@ -67,8 +70,9 @@ def has_training_state(output_dir):
     return (recover_dir(Path(output_dir) / STATE_DIR) / "progress.json").is_file()
 
 
-def load_training_state(output_dir, model, optimizer, scheduler, scaler):
-    """Restore weights, optimizer, scheduler, scaler and RNG from `output_dir/state`; return its Progress."""
+def load_training_state(output_dir, model, optimizer, scheduler, scaler, rank=0):
+    """Restore weights, optimizer, scheduler, scaler and process `rank`'s RNG from `output_dir/state`; return its
+    Progress. A process the state has no RNG state for (the run had fewer processes) keeps its own seed."""
     state_dir = recover_dir(Path(output_dir) / STATE_DIR)
     try:
         weights = load_file(state_dir / "trainable.safetensors")
@@ -87,7 +91,9 @@ def load_training_state(output_dir, model, optimizer, scheduler, scaler):
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])
-    set_rng_state(extra["rng"])
+    rng_states = extra["rng"] if isinstance(extra["rng"], list) else [extra["rng"]]  # older states: rank 0's only
+    if rank < len(rng_states):
+        set_rng_state(rng_states[rank])
     return progress
 
 

@@ -68,6 +68,7 @@ WARMUP_RATIO = _env("WARMUP_RATIO", 0.05)        # fraction of all steps spent w
 LR_SCHEDULE = _env("LR_SCHEDULE", "cosine")      # any transformers.get_scheduler name
 MAX_GRAD_NORM = _env("MAX_GRAD_NORM", 1.0)
 PRECISION = _env("PRECISION", "auto")            # auto | fp32 | bf16 | fp16
+TF32 = _env("TF32", False)                       # TF32 matmuls under fp32 too (bf16/fp16 runs use them anyway)
 GRAD_ACCUM = _env("GRAD_ACCUM", 1)               # micro-batches per step: same effective batch, less memory
 GRAD_CHECKPOINTING = _env("GRAD_CHECKPOINTING", False)  # recompute activations in backward: less memory, slower
 COMPILE = _env("COMPILE", False)                 # torch.compile the training forward

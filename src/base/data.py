@@ -322,7 +322,8 @@ class CaptionTrainingSet(torch.utils.data.Dataset):
             pixels = self.transform(self.transform.load(record.path))
         except BadImage as error:
             return {"bad": str(error)}
-        return {"pixel_values": pixels, "captions": self.caption_tokens[index], "image_id": record.image_id}
+        return {"pixel_values": pixels, "captions": self.caption_tokens[index], "image_id": record.image_id,
+                "stand_in": isinstance(index, StandIn)}
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -360,6 +361,7 @@ class CaptionCollator:
     first `prefix_length` tokens (start token and prompt: given, not predicted).
 
     `captions_per_image` lets the model encode each image once and share it across its captions.
+    `stand_in`: the batch is a stand-in image (see StandIn), to be trained on with zero weight.
     """
 
     def __init__(self, pad_token_id, prefix_length=1):
@@ -388,7 +390,13 @@ class CaptionCollator:
             "image_ids": [s["image_id"] for s in good],
             "num_captions": len(sequences),
             "bad": bad,
+            "stand_in": any(s.get("stand_in", False) for s in good),
         }
+
+
+class StandIn(int):
+    """The index of an image that a process trains on with zero weight, when a batch has fewer images than there
+    are processes: every process must take part in each step's gradient all-reduce, and no image may count twice."""
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -397,7 +405,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     Call `set_epoch(epoch, skip_batches)` before iterating: a resumed run skips the batches it
     already trained on and then sees exactly what an uninterrupted run would. With several
     processes (`world`), each batch is split between them and process `rank` gets its share
-    (a batch smaller than `world` is repeated so that every process has an image).
+    (or, when a batch has fewer images than `world`, its first image as a StandIn).
     """
 
     def __init__(self, num_items, batch_size, seed, rank=0, world=1):
@@ -418,9 +426,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for batch in self.batches(self.epoch)[self.skip_batches:]:
-            if len(batch) < self.world:
-                batch = (batch * self.world)[: self.world]
-            yield batch[self.rank::self.world]
+            yield batch[self.rank::self.world] or [StandIn(batch[0])]
 
 
 def default_num_workers():

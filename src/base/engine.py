@@ -28,7 +28,7 @@ from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, Image
 from .distributed import Processes
 from .evaluate import format_scores, score_captions
 from .families import load_family
-from .helpers import UserError, log, seed_everything
+from .helpers import UserError, log, process_seed, rng_state, seed_everything
 from .modeling import enable_activation_checkpointing, parameter_summary
 from .objectives import make_objective
 
@@ -67,6 +67,18 @@ def resolve_precision(precision, device):
     if precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
+
+
+def tf32_allowed(precision, tf32):
+    """Whether fp32 matmuls and convolutions may use TF32 (a 10-bit mantissa; much faster on A100/H100): under
+    bf16/fp16 autocast, which rounds more than that anyway, or when asked (--tf32). --precision fp32 means fp32."""
+    return tf32 or precision in ("bf16", "fp16")
+
+
+def set_tf32(precision, tf32, device):
+    """Allow TF32 on a GPU or not, as tf32_allowed decides (the CPU has none)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32_allowed(precision, tf32)
 
 
 def autocast(precision, device):
@@ -221,13 +233,15 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
     `model` is a LossModule (DDP-wrapped when there are several processes). Each micro-batch's mean
     loss is weighted by its share of the step's units (caption tokens, or SCST samples) over all
     processes, so the gradient, and the loss reported, are those of the whole batch at once.
-    `updated` is False when the loss or the gradient is not finite: nothing changes then (with an
-    fp16 loss scaler, infinite gradients are the scaler's business and only the loss is checked).
+    `updated` is False when nothing changed: the loss returned is then NaN if the loss or the gradient
+    is not finite, and the (finite) loss if the fp16 loss scaler skipped the step because its scaled
+    gradients overflowed (it then halves its scale); an overflow at a scale of 1 or less is a
+    non-finite gradient, not the scaler's search for a scale that fits fp16.
     """
     world = processes.world if processes else 1
     model.train()
     parts = micro_batches(batch, grad_accum)
-    units = [objective.units(part) for part in parts]
+    units = [0 if part.get("stand_in") else objective.units(part) for part in parts]
     total_units = processes.sum([sum(units)])[0] if processes else sum(units)
     loss_sum = torch.zeros((), device=device)
     for i, (part, part_units) in enumerate(zip(parts, units)):
@@ -251,8 +265,12 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
             scaler.update()
         return float("nan"), False
     if scaler is not None:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        if scaler.get_scale() < scale:  # it skipped optimizer.step(): skip the schedule too
+            optimizer.zero_grad(set_to_none=True)
+            return (loss_value if scale > 1 else float("nan")), False
     else:
         optimizer.step()
     scheduler.step()
@@ -267,10 +285,8 @@ class Trainer:
         self.processes = Processes()  # one, or several under accelerate launch / torchrun
         self.device = self.processes.device
         self.precision = resolve_precision(config.precision, self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        seed_everything(config.seed)
+        set_tf32(self.precision, config.tf32, self.device)
+        seed_everything(config.seed)  # the same on every process: the same initial model (LoRA's too)
 
         # data: every kept caption of every training image, each epoch
         self.train_records = _load_records(config, "train")
@@ -287,6 +303,8 @@ class Trainer:
         if config.compile:  # the training loss only (caption lengths vary: dynamic shapes); generation runs eagerly
             loss_model.compile(dynamic=True, backend=C.COMPILE_BACKEND)
         self.loss_model = self.processes.wrap(loss_model)
+        if self.processes.rank > 0:  # its own dropout masks and SCST samples; rank 0 goes on as one process would
+            seed_everything(process_seed(config.seed, self.processes.rank))
         self.transform = ImageTransform(self.processor.image_processor, use_draft=not config.exact_preprocessing)
         tokens = [self.family.training_sequences(r.captions, config.max_caption_tokens) for r in self.train_records]
         train_set = CaptionTrainingSet(self.train_records, self.transform, tokens)
@@ -319,7 +337,7 @@ class Trainer:
         self.processes.wait()
         if has_training_state(self.output_dir):
             self.progress = p = load_training_state(self.output_dir, self.model, self.optimizer, self.scheduler,
-                                                    self.scaler)
+                                                    self.scaler, self.processes.rank)
             if self.processes.is_main:
                 _truncate_metrics(self.output_dir, p.step)
             log.info(f"resumed from {self.output_dir / 'state'} at step {p.step} (epoch {p.epoch}, "
@@ -339,8 +357,9 @@ class Trainer:
             log.info("validating the starting model first (step 0; --no-eval-at-start skips this)")
 
         self.clock = self.last_save = time.time()
+        # miniters=1: tqdm's monitor thread would otherwise redraw between mininterval's redraws
         with StopSignals() as self.stop, tqdm(total=self.total_steps, initial=p.step, desc="training",
-                                              dynamic_ncols=True, mininterval=_tqdm_interval(),
+                                              dynamic_ncols=True, mininterval=_tqdm_interval(), miniters=1,
                                               disable=not self.processes.is_main) as self.bar:
             status = self._validate() if p.eval_pending else None  # a validation a signal cut short
             while status is None and not self._finished():
@@ -363,8 +382,11 @@ class Trainer:
     def _consume(self, batch):
         """One batch: a training step, then validation or a state save when due. Returns an exit status to stop."""
         p = self.progress
-        # with several processes, all must agree on what the batch held (and later, on saving and stopping)
-        captions, images, empty, bad = self.processes.sum([batch["num_captions"], len(batch.get("image_ids", [])),
+        # with several processes, all must agree on what the batch held (and later, on saving and stopping);
+        # a stand-in image is another process's, counted there
+        own = not batch.get("stand_in")
+        captions, images, empty, bad = self.processes.sum([batch["num_captions"] * own,
+                                                           len(batch.get("image_ids", [])) * own,
                                                            batch["num_captions"] == 0, len(batch["bad"])])
         if bad:
             self._note_bad_images(self.processes.gather(batch["bad"]))
@@ -380,7 +402,7 @@ class Trainer:
         if epoch_ended:
             p.epoch, p.batch_in_epoch = p.epoch + 1, 0
 
-        eval_due = self.config.eval_every > 0 and p.step % self.config.eval_every == 0
+        eval_due = stepped and self.config.eval_every > 0 and p.step % self.config.eval_every == 0
         if p.step != p.last_eval_step and (eval_due or epoch_ended or self._finished()):
             p.eval_pending = True
             return self._validate()
@@ -405,6 +427,11 @@ class Trainer:
         """One update and its bookkeeping. Returns False when it was skipped for a non-finite loss or gradient."""
         p = self.progress
         loss, updated = self.train_batch(batch)
+        if not updated and math.isfinite(loss):  # not a fault: the fp16 loss scaler lowered its scale
+            p.scaler_skips += 1
+            log.info(f"fp16 gradients overflowed after step {p.step}: update skipped, loss scale lowered to "
+                     f"{self.scaler.get_scale():g}")
+            return False
         if not updated:
             p.nonfinite_in_a_row += 1
             p.nonfinite_total += 1
@@ -418,7 +445,7 @@ class Trainer:
         p.captions_seen += captions
         p.images_seen += images
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{p.loss_sum / p.loss_count:.4f}")
+        self.bar.set_postfix(loss=f"{p.loss_sum / p.loss_count:.4f}", refresh=False)  # shown at the next redraw
         return True
 
     def _note_bad_images(self, messages):
@@ -441,8 +468,9 @@ class Trainer:
         except Interrupted:
             self._save_state()
             return self._stop_if_signalled()
+        train_stats = self.objective.take_stats(self.processes)  # every process: SCST rewards are summed over them
         if self.processes.is_main:  # the others wait for it at the next step
-            self._score_and_record(predictions, train_seconds)
+            self._score_and_record(predictions, train_seconds, train_stats)
         p.loss_sum, p.loss_count, p.last_eval_step, p.eval_pending = 0.0, 0, p.step, False
         p.bad_images_reported = len(p.bad_images)
         p.captions_at_last_eval, p.elapsed_at_last_eval = p.captions_seen, p.elapsed_seconds
@@ -450,7 +478,7 @@ class Trainer:
         self._save_state()
         return self._stop_if_signalled()
 
-    def _score_and_record(self, predictions, train_seconds):
+    def _score_and_record(self, predictions, train_seconds, train_stats):
         """Score the validation captions, keep the best model, append a line to metrics.jsonl."""
         p, config = self.progress, self.config
         references = {r.image_id: r.captions for r in self.val_records}
@@ -461,10 +489,10 @@ class Trainer:
             p.best_cider, p.best_step = scores["CIDEr"], p.step
         line = {"step": p.step, "epoch": round(p.epoch + p.batch_in_epoch / self.steps_per_epoch, 4),
                 "train_loss": p.loss_sum / p.loss_count if p.loss_count else None, "lr": self.scheduler.get_last_lr()[0],
-                **self.objective.take_stats(), **scores, "best_CIDEr": p.best_cider, "is_best": is_best,
+                **train_stats, **scores, "best_CIDEr": p.best_cider, "is_best": is_best,
                 "captions_seen": p.captions_seen, "images_seen": p.images_seen,
                 "images_skipped": len(p.bad_images), "bad_images_new": p.bad_images[p.bad_images_reported:],
-                "nonfinite_steps": p.nonfinite_total, "tokenizer": tokenizer,
+                "nonfinite_steps": p.nonfinite_total, "scaler_skips": p.scaler_skips, "tokenizer": tokenizer,
                 # compute spent, so that runs can be compared by score per GPU-hour
                 "elapsed_seconds": round(p.elapsed_seconds, 1),
                 "train_captions_per_second": round((p.captions_seen - p.captions_at_last_eval) / max(train_seconds, 1e-9), 2),
@@ -492,11 +520,12 @@ class Trainer:
     def _save_state(self):
         self._tick()
         self.last_save = time.time()  # after a failure too: retry at the next due save, not every batch
+        rng_states = self.processes.gather([rng_state()])  # every process's: a resumed run replays each one
         if not self.processes.is_main:
             return
         try:
             save_training_state(self.output_dir, self.model, self.optimizer, self.scheduler, self.scaler,
-                                self.progress, self.config)
+                                self.progress, self.config, rng_states)
         except OSError as error:
             log.error(f"could not save the training state to {self.output_dir / 'state'} ({error}); "
                       f"the previous state is kept")

@@ -51,8 +51,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def process_seed(seed, rank):
+    """The seed of process `rank` of a run: `seed` itself for rank 0, so that a one-process run is unchanged, and
+    one derived from both for the others, so that each process draws its own dropout masks and SCST samples."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank) % 2**63
+
+
 def rng_state():
-    """The random-number-generator states training draws from (dropout), as tensors safe to save and reload.
+    """This process's random-number-generator states training draws from (dropout, SCST samples), as tensors safe
+    to save and reload.
 
     Data order does not come from here: each epoch's order is derived from (seed, epoch) alone.
     """

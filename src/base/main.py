@@ -8,7 +8,7 @@ from . import decoding
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
 from .distributed import Processes, main_process
-from .engine import Trainer, caption_in_shares, resolve_precision
+from .engine import Trainer, caption_in_shares, resolve_precision, set_tf32
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
 from .families import load_family
@@ -102,6 +102,7 @@ def test_main(method, argv=None):
     processes = Processes()  # under accelerate launch / torchrun each process captions a share
     device = processes.device
     precision = resolve_precision(config.precision, device)
+    set_tf32(precision, config.tf32, device)
     family = load_family(checkpoint, config.prompt)
     model = method.load_best(checkpoint).to(device)
     records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)

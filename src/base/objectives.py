@@ -3,7 +3,9 @@
 An objective has `loss(model, batch)` (a mean over the batch's units, with gradients) and
 `units(batch)` (how many units that mean is over). The engine weights each micro-batch, and each
 process, by its share of the units, so that gradient accumulation and several GPUs give the
-gradient of one large batch.
+gradient of one large batch (a stand-in batch, see data.StandIn, gets zero weight).
+`take_stats(processes)`, called by every process at each validation, returns what metrics.jsonl
+reports about training since the last call, over all processes.
 """
 import time
 
@@ -27,7 +29,7 @@ class CrossEntropy:
     def loss(self, model, batch):
         return self.family.loss(model, batch, self.label_smoothing)
 
-    def take_stats(self):
+    def take_stats(self, processes=None):
         return {}
 
 
@@ -73,17 +75,21 @@ class SelfCritical:
             baseline = self.rewards(batch["image_ids"], greedy)[:, None]
         else:  # mean of the image's other samples: unbiased, and costs no extra decoding
             baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (self.samples - 1)
-        self.stats["reward_sum"] += float(rewards.sum())
-        self.stats["rewards"] += rewards.size
+        if not batch.get("stand_in"):  # another process trains on this image
+            self.stats["reward_sum"] += float(rewards.sum())
+            self.stats["rewards"] += rewards.size
         advantage = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32, device=sequences.device)
         log_probs, _ = family.sequence_log_probs(model, image_features.repeat_interleave(self.samples, dim=0), sequences)
         return -(advantage * log_probs).mean()
 
-    def take_stats(self):
-        """Mean sampled reward and seconds spent computing rewards since the last call."""
+    def take_stats(self, processes=None):
+        """Since the last call: the mean reward of every caption sampled by any process, and the seconds a process
+        spent computing rewards (the mean over processes)."""
         stats, self.stats = self.stats, self._no_stats()
-        return {"train_reward": stats["reward_sum"] / stats["rewards"] if stats["rewards"] else None,
-                "reward_seconds": round(stats["reward_seconds"], 3)}
+        totals = [stats["reward_sum"], stats["rewards"], stats["reward_seconds"]]
+        reward_sum, rewards, seconds = processes.sum(totals) if processes else totals
+        world = processes.world if processes else 1
+        return {"train_reward": reward_sum / rewards if rewards else None, "reward_seconds": round(seconds / world, 3)}
 
 
 def make_objective(config, train_records, family):
