@@ -20,7 +20,7 @@ OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 def plan(**changes):
     values = {"batch_size": 8, "epochs": 1, "max_steps": 100, "eval_every": 40, "save_every": 25,
-              "save_every_minutes": 1e9, "train_images": 240, "val_images": 40}
+              "save_every_minutes": 1e9, "train_images": 240, "val_images": 40, "eval_at_start": False}
     return estimate.Plan(**{**values, **changes})
 
 
@@ -32,6 +32,12 @@ def test_replay_validates_and_saves_where_the_engine_does():
     assert (p.steps_per_epoch, p.total_steps) == (30, 100)
     assert (timeline.validations, timeline.saves) == (6, 9)
     assert timeline.seconds == pytest.approx(100 * 1.0 + 6 * (10.0 + 3.0) + 9 * 2.0)
+
+
+def test_replay_counts_the_starting_models_validation_and_its_saves():
+    without, with_start = (estimate.replay(plan(eval_at_start=start), 1.0, 10.0, 2.0, 3.0) for start in (False, True))
+    assert (with_start.validations, with_start.saves) == (without.validations + 1, without.saves + 1)
+    assert with_start.seconds == pytest.approx(without.seconds + 10.0 + 3.0 + 2.0)
 
 
 def test_replay_in_epochs_validates_at_each_epoch_end():
@@ -92,7 +98,8 @@ def test_from_profile_replans_for_other_sizes_without_profiling(tmp_path, capsys
                           "--eval-every", "0", "--train-images", "23431", "--val-images", "7750",
                           "--val-max-images", "1000", "--json", str(out)]) == 0
     q = json.loads(out.read_text())["prediction"]
-    assert (q["steps_per_epoch"], q["total_steps"], q["validations"]) == (2929, 5858, 2)
+    # the default --eval-at-start validates the starting model too: step 0 and both epoch ends
+    assert (q["steps_per_epoch"], q["total_steps"], q["validations"]) == (2929, 5858, 3)
     assert q["epoch_seconds"] == pytest.approx(2929 * 0.5)
     assert q["validation_seconds"] == pytest.approx(1.0 + 0.01 * 1000)  # --val-max-images caps the 7,750
     assert "-l h_rt=" + q["h_rt"] in capsys.readouterr().out
