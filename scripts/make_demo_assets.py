@@ -142,15 +142,16 @@ def vocabulary(texts=None):
     return sorted({word for text in texts for word, _ in split.pre_tokenize_str(normalize.normalize_str(text))})
 
 
-def make_tiny_blip(out_dir, image_size=32, seed=0):
-    """A randomly initialised BLIP captioner with the real architecture, at toy size, saved like a hub checkpoint."""
+def make_tiny_blip(out_dir, image_size=32, seed=0, texts=None):
+    """A randomly initialised BLIP captioner with the real architecture, at toy size, saved like a hub checkpoint;
+    its vocabulary holds the words of `texts` (default: the demo's)."""
     import torch
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = specials + vocabulary() + ["[DEC]"]
+    vocab = specials + vocabulary(texts) + ["[DEC]"]
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True, bos_token="[DEC]")
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)

@@ -50,6 +50,7 @@ class RunConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     scst_samples: int = 5
+    scst_temperature: float = 1.0
     scst_baseline: str = "mean"
     label_smoothing: float = 0.0
     prompt: str = ""
@@ -75,7 +76,7 @@ def defaults(method):
         num_workers=C.NUM_WORKERS, drop_rejected=C.DROP_REJECTED, drop_precanned=C.DROP_PRECANNED,
         val_max_images=C.VAL_MAX_IMAGES, val_meteor=C.VAL_METEOR, lora_r=C.LORA_R, lora_alpha=C.LORA_ALPHA, lora_dropout=C.LORA_DROPOUT,
         lora_targets=C.LORA_TARGETS, strict=C.STRICT, objective="xe", grad_accum=C.GRAD_ACCUM,
-        grad_checkpointing=C.GRAD_CHECKPOINTING, compile=C.COMPILE, scst_samples=C.SCST_SAMPLES,
+        grad_checkpointing=C.GRAD_CHECKPOINTING, compile=C.COMPILE, scst_samples=C.SCST_SAMPLES, scst_temperature=C.SCST_TEMPERATURE,
         scst_baseline=C.SCST_BASELINE, label_smoothing=C.LABEL_SMOOTHING, prompt=C.PROMPT,
         eval_at_start=C.EVAL_AT_START, length_penalty=C.LENGTH_PENALTY, repetition_penalty=C.REPETITION_PENALTY,
         exact_preprocessing=C.EXACT_PREPROCESSING, tf32=C.TF32,
@@ -142,6 +143,8 @@ def _check(config):
         raise UserError(f"--lr must be positive, got {config.lr}")
     if config.save_every_minutes <= 0:
         raise UserError(f"--save-every-minutes must be positive, got {config.save_every_minutes}")
+    if not config.scst_temperature > 0:
+        raise UserError(f"--scst-temperature must be positive, got {config.scst_temperature}")
     if config.scst_baseline not in ("mean", "greedy"):
         raise UserError(f"--scst-baseline must be mean or greedy, got {config.scst_baseline!r}")
     if config.objective == "scst" and config.scst_baseline == "mean" and config.scst_samples < 2:
@@ -170,6 +173,8 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
                    help="xe: cross-entropy on the reference captions; scst: self-critical training with a CIDEr-D "
                         "reward, from the fine-tuned model given by --checkpoint")
     p.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
+    p.add_argument("--scst-temperature", type=float,
+                   help="SCST: the policy samples from softmax(logits / T) and is scored the same way (default 0.5)")
     p.add_argument("--scst-baseline", choices=["mean", "greedy"],
                    help="SCST reward baseline: mean of the image's other samples (default) or its greedy caption")
     p.add_argument("--label-smoothing", type=float,

@@ -2,7 +2,10 @@
 checkpointing, parameter counts. What differs between families lives in src/base/families/."""
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from transformers.utils import logging as hf_logging
 
@@ -38,6 +41,31 @@ def enable_activation_checkpointing(model):
     Non-reentrant checkpointing, so LoRA's adapters get gradients although the layers' inputs need none.
     """
     core_model(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextmanager
+def evaluation_mode(model):
+    """The whole model in eval mode (no dropout, generation's KV cache on), then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def dropout_off(model):
+    """Every dropout layer off, as in eval mode, while the rest of the model keeps its mode: with activation
+    checkpointing (which transformers runs in training mode only) the forward pass is still the eval-mode policy."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    for module in dropouts:
+        module.eval()
+    try:
+        yield model
+    finally:
+        for module in dropouts:
+            module.train()
 
 
 def parameter_summary(model):

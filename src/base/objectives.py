@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .cider import CiderD
+from .modeling import dropout_off, evaluation_mode
 from .ptb import python_tokenize
 
 
@@ -43,10 +44,11 @@ class SelfCritical:
     """
     name = "scst"
 
-    def __init__(self, family, train_records, samples, baseline, max_new_tokens):
+    def __init__(self, family, train_records, samples, baseline, max_new_tokens, temperature=1.0):
         if baseline == "mean" and samples < 2:
             raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
         self.family, self.samples, self.baseline, self.max_new_tokens = family, samples, baseline, max_new_tokens
+        self.temperature = temperature
         self.cider = CiderD({r.image_id: [python_tokenize(c) for c in r.captions] for r in train_records})
         self.stats = self._no_stats()
 
@@ -65,22 +67,33 @@ class SelfCritical:
         return scores
 
     def loss(self, model, batch):
+        """The policy is the model without dropout: captions are sampled (and the greedy baseline decoded) in eval
+        mode, and their log-probabilities computed with every dropout layer off, so the gradient is that of the
+        policy that chose them. Training mode with dropout (LoRA's, for one) would score other captions than the
+        ones sampled, and with activation checkpointing transformers turns the KV cache off in training mode."""
         family = self.family
-        image_features = family.encode_images(model, batch["pixel_values"])
-        image_ids = np.repeat(batch["image_ids"], self.samples)
-        sequences = family.sample(model, image_features.detach(), self.samples, self.max_new_tokens)
-        rewards = self.rewards(image_ids, sequences).reshape(-1, self.samples)
-        if self.baseline == "greedy":
-            greedy = family.sample(model, image_features.detach(), 1, self.max_new_tokens, greedy=True)
-            baseline = self.rewards(batch["image_ids"], greedy)[:, None]
-        else:  # mean of the image's other samples: unbiased, and costs no extra decoding
-            baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (self.samples - 1)
-        if not batch.get("stand_in"):  # another process trains on this image
-            self.stats["reward_sum"] += float(rewards.sum())
-            self.stats["rewards"] += rewards.size
-        advantage = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32, device=sequences.device)
-        log_probs, _ = family.sequence_log_probs(model, image_features.repeat_interleave(self.samples, dim=0), sequences)
-        return -(advantage * log_probs).mean()
+        with dropout_off(model):
+            image_features = family.encode_images(model, batch["pixel_values"])
+            with evaluation_mode(model):
+                sequences = family.sample(model, image_features.detach(), self.samples, self.max_new_tokens,
+                                          temperature=self.temperature)
+                greedy = (family.sample(model, image_features.detach(), 1, self.max_new_tokens, greedy=True)
+                          if self.baseline == "greedy" else None)
+            image_ids = np.repeat(batch["image_ids"], self.samples)
+            rewards = self.rewards(image_ids, sequences).reshape(-1, self.samples)
+            if greedy is not None:
+                baseline = self.rewards(batch["image_ids"], greedy)[:, None]
+            else:  # mean of the image's other samples: unbiased, and costs no extra decoding
+                baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (self.samples - 1)
+            if not batch.get("stand_in"):  # another process trains on this image
+                self.stats["reward_sum"] += float(rewards.sum())
+                self.stats["rewards"] += rewards.size
+            advantage = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32, device=sequences.device)
+            log_probs, tokens = family.sequence_log_probs(
+                model, image_features.repeat_interleave(self.samples, dim=0), sequences, self.temperature)
+        # a mean over every sampled token, as self-critical.pytorch's RewardCriterion: a per-caption mean would
+        # scale the step by the caption length (about 10x on VizWiz) and make the learning rate depend on it
+        return -(advantage * log_probs).sum() / tokens.sum().clamp(min=1)
 
     def take_stats(self, processes=None):
         """Since the last call: the mean reward of every caption sampled by any process, and the seconds a process
@@ -94,5 +107,6 @@ class SelfCritical:
 
 def make_objective(config, train_records, family):
     if config.objective == "scst":
-        return SelfCritical(family, train_records, config.scst_samples, config.scst_baseline, config.max_new_tokens)
+        return SelfCritical(family, train_records, config.scst_samples, config.scst_baseline, config.max_new_tokens,
+                            config.scst_temperature)
     return CrossEntropy(family, config.label_smoothing)

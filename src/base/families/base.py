@@ -100,9 +100,10 @@ class Family:
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False):
-        """`samples_per_image` captions per image drawn from the model (pure sampling, or greedy), rows grouped
-        by image, each starting with `prefix`. `image_features` come from encode_images."""
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0):
+        """`samples_per_image` captions per image drawn from softmax(logits / temperature) with no other
+        truncation (or greedy), rows grouped by image, each starting with `prefix`. `image_features` come from
+        encode_images."""
         raise NotImplementedError
 
     def legacy_weights(self, model):
@@ -128,11 +129,12 @@ class Family:
         is_end = (targets == self.end_id) & generated
         return generated & ((is_end.long().cumsum(dim=1) - is_end.long()) == 0)
 
-    def sequence_log_probs(self, model, image_features, sequences):
-        """(log-probability of each sampled caption's generated tokens, with gradients; how many tokens that is)."""
+    def sequence_log_probs(self, model, image_features, sequences, temperature=1.0):
+        """(log-probability of each sampled caption's generated tokens under softmax(logits / temperature), with
+        gradients; how many tokens that is)."""
         counted = self.generated_mask(sequences)
         attention_mask = torch.cat([torch.ones_like(sequences[:, :1]), counted.long()], dim=1)
         attention_mask[:, : len(self.prefix)] = 1
         logits = self.token_logits(model, image_features, sequences, attention_mask)[:, :-1]
-        token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(2, sequences[:, 1:, None]).squeeze(2)
+        token_log_probs = torch.log_softmax(logits.float() / temperature, dim=-1).gather(2, sequences[:, 1:, None]).squeeze(2)
         return (token_log_probs * counted).sum(dim=1), counted.sum(dim=1)

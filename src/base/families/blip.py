@@ -59,8 +59,8 @@ class Blip(Family):
                                         do_sample=False, **decoding)
 
     @torch.no_grad()
-    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False):
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0):
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, top_p=1.0, temperature=temperature)
         return self._decode_from_prefix(model, image_features.repeat_interleave(samples_per_image, dim=0), num_beams=1,
                                         max_new_tokens=max_new_tokens, min_new_tokens=0, **sampling)
 
