@@ -16,7 +16,7 @@ from src.base.engine import Trainer
 from src.base.families import load_family
 from src.base.helpers import setup_logging
 from src.base.lora import add_lora
-from src.base.modeling import parameter_summary
+from src.base.modeling import enable_activation_checkpointing, parameter_summary
 from src.peft.method import METHOD as PEFT
 
 HUB_FILES = __import__("conftest").REPO.parent / "shared" / "hub_files"
@@ -129,6 +129,21 @@ def test_lora_trains_r_times_in_plus_out_per_targeted_linear(tiny_git):
     expected = sum(r * (m.in_features + m.out_features) for m in targeted)
     model = add_lora(model, r=r, alpha=8, dropout=0.0, targets=family.lora_targets)
     assert parameter_summary(model).startswith(f"trainable params: {expected:,} ||")
+
+    # the adapters' gradient is the same with activation checkpointing (--grad-checkpointing)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = caption_batch(family, [2, 3])
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.zero_grad()
+        family.loss(model, batch).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert gradients[0].abs().sum() > 0 and torch.allclose(gradients[0], gradients[1], atol=1e-7)
 
 
 @pytest.fixture(scope="module")

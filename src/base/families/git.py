@@ -49,7 +49,10 @@ class Git(Family):
         then `input_ids`; with one, `input_ids` follow what the cache holds (attending to all of it)."""
         git = core_model(model).git
         past = cache.get_seq_length() if cache is not None else 0
-        text = git.embeddings(input_ids=input_ids, cache_length=max(0, past - image_features.shape[1]))
+        # The word embeddings go in as a copy: with LoRA and activation checkpointing, transformers marks their output
+        # as requiring grad (a leaf tensor), to which GitEmbeddings would add the positions in place (an error).
+        words = git.embeddings.word_embeddings(input_ids).clone()
+        text = git.embeddings(inputs_embeds=words, cache_length=max(0, past - image_features.shape[1]))
         if past:
             return git.encoder(text, attention_mask=None, cache=cache, use_cache=True).last_hidden_state
         hidden = torch.cat([image_features.to(text.dtype), text], dim=1)
