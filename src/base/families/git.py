@@ -44,7 +44,7 @@ class Git(Family):
         git = core_model(model).git
         return git.visual_projection(git.image_encoder(pixel_values).last_hidden_state)
 
-    def _hidden_states(self, model, image_features, input_ids, attention_mask=None, cache=None):
+    def _hidden_states(self, model, image_features, input_ids, attention_mask, cache=None):
         """The transformer's output at the positions of `input_ids`. Without `cache` the sequence is the image tokens
         then `input_ids`; with one, `input_ids` follow what the cache holds (attending to all of it)."""
         git = core_model(model).git
