@@ -192,3 +192,18 @@ def test_the_real_bert_base_uncased_tokenizer(tmp_path):
     sequence = family.training_sequences([caption], 40)[0]
     assert sequence == family.tokenizer(caption)["input_ids"] and sequence[0] == 101 and sequence[-1] == 102
     assert family.decode([sequence + [0, 0]]) == [caption]
+
+
+def test_image_transform_gives_the_git_processors_pixels(tiny_git):
+    """GIT's processor (CLIP's) resizes the shorter side and crops the centre; ImageTransform must give its pixels."""
+    import numpy as np
+    from PIL import Image
+    from src.base.data import ImageTransform
+
+    processor = load_family(tiny_git).processor.image_processor
+    transform = ImageTransform(processor, use_draft=False)
+    rng = np.random.default_rng(0)
+    for width, height in [(150, 97), (97, 150), (301, 200), (64, 64), (33, 200)]:
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        expected = torch.as_tensor(np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0]))
+        assert torch.allclose(transform(image), expected, atol=1e-5), (width, height)
