@@ -1,6 +1,6 @@
-"""Make the offline demo: a synthetic VizWiz-format data set and a tiny BLIP checkpoint.
+"""Make the offline demo: a synthetic VizWiz-format data set and tiny BLIP and GIT checkpoints.
 
-    python scripts/make_demo_assets.py                # -> data/demo/{vizwiz,tiny-blip}
+    python scripts/make_demo_assets.py                # -> data/demo/{vizwiz,coco-style,tiny-blip,tiny-git}
     python scripts/make_demo_assets.py --out /tmp/d --train 200 --val 40 --test 30
 
 The images are phone-photo-like JPEGs (random sizes and aspect ratios, noise, some stored
@@ -8,8 +8,8 @@ sideways with an EXIF rotation) of one coloured shape on a coloured background; 
 captions naming the shape, its colour and the background colour in varied phrasings, so a
 model can only score well by reading the pixels. Like the real data set, some captions are
 rejected, some images carry the precanned "quality issues" caption, and a few images have no
-usable caption at all. The tiny BLIP (about 0.3M parameters, 32x32 input) has the real
-architecture, processor and tokenizer files, saved with save_pretrained.
+usable caption at all. The tiny BLIP and GIT (about 0.3M parameters, 32x32 input) have the real
+architectures, processor and tokenizer files, saved with save_pretrained.
 """
 import argparse
 import json
@@ -172,9 +172,38 @@ def make_tiny_blip(out_dir, image_size=32, seed=0, texts=None):
     return out_dir
 
 
+def make_tiny_git(out_dir, image_size=32, seed=0):
+    """A randomly initialised GIT captioner (microsoft/git-*'s architecture and processor) at toy size, saved like a
+    hub checkpoint. Its tokenizer is a BERT tokenizer over the demo's vocabulary, with [CLS] and [SEP] starting and
+    ending captions as bert-base-uncased's do in the real checkpoints."""
+    import torch
+    from transformers import BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + vocabulary()
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
+    # as the real checkpoints' processor: shorter side to image_size, then the centre square
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+
+    hidden = 64
+    config = GitConfig(
+        vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image_size, patch_size=8),
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+    )
+    torch.manual_seed(seed)
+    GitForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=C.DEMO_DIR, help="writes <out>/vizwiz and <out>/tiny-blip (default: DEMO_DIR)")
+    parser.add_argument("--out", default=C.DEMO_DIR, help="writes <out>/vizwiz, <out>/tiny-blip and <out>/tiny-git (default: DEMO_DIR)")
     parser.add_argument("--train", type=int, default=400, help="training images")
     parser.add_argument("--val", type=int, default=60, help="validation images")
     parser.add_argument("--test", type=int, default=40, help="test images")
@@ -182,8 +211,10 @@ def main():
     args = parser.parse_args()
     data = make_dataset(Path(args.out) / "vizwiz", args.train, args.val, args.test, args.seed)
     pretrain = make_dataset(Path(args.out) / "coco-style", args.train, args.val, 0, args.seed + 1, PRETRAIN_TEMPLATES)
-    model = make_tiny_blip(Path(args.out) / "tiny-blip", seed=args.seed)
-    print(f"VizWiz-style data set: {data}\nCOCO-style pretraining set: {pretrain}\ntiny BLIP (random weights): {model}")
+    blip = make_tiny_blip(Path(args.out) / "tiny-blip", seed=args.seed)
+    git = make_tiny_git(Path(args.out) / "tiny-git", seed=args.seed)
+    print(f"VizWiz-style data set: {data}\nCOCO-style pretraining set: {pretrain}\n"
+          f"tiny BLIP (random weights): {blip}\ntiny GIT (random weights): {git}")
 
 
 if __name__ == "__main__":

@@ -163,16 +163,20 @@ def _pil_resample(value):
 
 
 class ImageTransform:
-    """Resize + rescale + normalise exactly as the checkpoint's BLIP image processor does, in numpy.
+    """Resize + rescale + normalise exactly as the checkpoint's image processor does, in numpy.
 
     The settings are read from the processor saved with the checkpoint, so BLIP-base, BLIP-large
-    and the tiny demo model each get their own size and statistics. `use_draft` (the default) decodes
+    and the tiny demo model each get their own size and statistics. A CLIP-style processor (GIT's:
+    `size` is a shortest edge) resizes the shorter side to it and keeps the centre crop. `use_draft` (the default) decodes
     JPEGs at reduced size: faster, and close to the processor's pixels on a full decode but not equal
     (tests/test_data.py measures it); without it, pixels equal the processor's (--exact-preprocessing).
     """
 
     def __init__(self, image_processor, use_draft=True):
         size = image_processor.size
+        self.shortest_edge = size.get("shortest_edge")
+        if self.shortest_edge:
+            size = image_processor.crop_size  # the output size (the crop)
         self.size = (size["width"], size["height"])
         self.resample = _pil_resample(image_processor.resample)
         self.scale = image_processor.rescale_factor if image_processor.do_rescale else 1.0
@@ -202,7 +206,16 @@ class ImageTransform:
         return image if image is not None else load_image(path, self.size if self.use_draft else None)
 
     def resized(self, image):
-        return image.resize(self.size, resample=self.resample)
+        if not self.shortest_edge or image.size == self.size:  # a cached image is already resized and cropped
+            return image.resize(self.size, resample=self.resample)
+        # transformers' arithmetic: the longer side is truncated, the crop's corner rounded down
+        width, height = image.size
+        scale = self.shortest_edge / min(width, height)
+        width, height = (self.shortest_edge, int(height * scale)) if width <= height else (int(width * scale),
+                                                                                             self.shortest_edge)
+        left, top = (width - self.size[0]) // 2, (height - self.size[1]) // 2
+        return image.resize((width, height), resample=self.resample).crop(
+            (left, top, left + self.size[0], top + self.size[1]))
 
     def __call__(self, image):
         # a cached image already has the input size: Pillow's resize then copies it unchanged

@@ -8,8 +8,9 @@ from ..helpers import UserError
 from ..modeling import load_pretrained
 from .base import Family
 from .blip import Blip
+from .git import Git
 
-FAMILIES = [Blip]
+FAMILIES = [Blip, Git]
 
 
 def base_checkpoint(checkpoint):

@@ -1,0 +1,106 @@
+"""GIT (microsoft/git-base, git-large, git-large-coco, git-large-textcaps): a CLIP image encoder whose projected
+patch features are prepended to the caption's tokens, and one BERT-style transformer over both (image tokens
+attend to each other, caption tokens causally to the image and the caption so far). Tokenizer: bert-base-uncased.
+
+GitForCausalLM only takes pixel values, which would encode an image once per caption; so the text side is run
+here from its parts (embeddings, encoder, output head) on features encoded once per image, as GitModel.forward
+does (tests/test_git.py checks the loss against GitForCausalLM's own).
+"""
+import torch
+from transformers import GitForCausalLM, GitProcessor
+from transformers.cache_utils import DynamicCache
+
+from ..modeling import core_model, load_pretrained
+from .base import Family
+
+
+class Git(Family):
+    name = "GIT"
+    model_types = ("git",)
+    lora_targets = ("query", "value")   # the text transformer's self-attention (the CLIP encoder's are q_proj/v_proj)
+
+    @classmethod
+    def load_model(cls, checkpoint):
+        return load_pretrained(GitForCausalLM, checkpoint, "GIT captioning model")
+
+    @classmethod
+    def load_processor(cls, checkpoint):
+        return load_pretrained(GitProcessor, checkpoint, "GIT processor")
+
+    # GIT was trained on "[CLS] caption [SEP]" (its processor's text encoding; config bos/eos are the same ids in
+    # the microsoft checkpoints). generate() and sample() below start from `prefix` and stop at end_id explicitly.
+    def start_ids(self):
+        return [self.tokenizer.cls_token_id]
+
+    @property
+    def end_id(self):
+        return self.tokenizer.sep_token_id
+
+    @property
+    def pad_id(self):
+        return self.tokenizer.pad_token_id
+
+    def encode_images(self, model, pixel_values):
+        git = core_model(model).git
+        return git.visual_projection(git.image_encoder(pixel_values).last_hidden_state)
+
+    def _hidden_states(self, model, image_features, input_ids, attention_mask, cache=None):
+        """The transformer's output at the positions of `input_ids`. Without `cache` the sequence is the image tokens
+        then `input_ids`; with one, `input_ids` follow what the cache holds (attending to all of it)."""
+        git = core_model(model).git
+        past = cache.get_seq_length() if cache is not None else 0
+        # The word embeddings go in as a copy: with LoRA and activation checkpointing, transformers marks their output
+        # as requiring grad (a leaf tensor), to which GitEmbeddings would add the positions in place (an error).
+        words = git.embeddings.word_embeddings(input_ids).clone()
+        text = git.embeddings(inputs_embeds=words, cache_length=max(0, past - image_features.shape[1]))
+        if past:
+            return git.encoder(text, attention_mask=None, cache=cache, use_cache=True).last_hidden_state
+        hidden = torch.cat([image_features.to(text.dtype), text], dim=1)
+        mask = self._attention_mask(image_features.shape[1], attention_mask, hidden.dtype)
+        return git.encoder(hidden, attention_mask=mask, cache=cache,
+                           use_cache=cache is not None).last_hidden_state[:, image_features.shape[1]:]
+
+    @staticmethod
+    def _attention_mask(image_tokens, text_mask, dtype):
+        """GitModel's additive mask [rows, 1, queries, keys]: image tokens see the image, text tokens see the image
+        and the unpadded text up to themselves."""
+        rows, text_tokens = text_mask.shape
+        size = image_tokens + text_tokens
+        causal = torch.ones(size, size, dtype=torch.bool, device=text_mask.device).tril()
+        causal[:image_tokens, :image_tokens] = True
+        keys = torch.cat([text_mask.new_ones(rows, image_tokens), text_mask], dim=1).bool()
+        allowed = causal[None] & keys[:, None, :]
+        return torch.zeros(allowed.shape, dtype=dtype, device=text_mask.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+
+    def token_logits(self, model, image_features, input_ids, attention_mask):
+        return core_model(model).output(self._hidden_states(model, image_features, input_ids, attention_mask))
+
+    @torch.no_grad()
+    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, **decoding):
+        start = torch.tensor([self.prefix], device=pixel_values.device).expand(pixel_values.shape[0], -1)
+        return core_model(model).generate(
+            pixel_values=pixel_values, input_ids=start, attention_mask=torch.ones_like(start), num_beams=num_beams,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+            eos_token_id=self.end_id, pad_token_id=self.pad_id, **decoding)
+
+    @torch.no_grad()
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False):
+        """Token by token with a key/value cache over the once-encoded image (transformers' generate() would encode
+        it again per sample); rows that have ended are padded."""
+        features = image_features.repeat_interleave(samples_per_image, dim=0)
+        sequences = torch.tensor([self.prefix], device=features.device).expand(features.shape[0], -1)
+        cache = DynamicCache()
+        step = sequences
+        ended = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+        for _ in range(max_new_tokens):
+            logits = core_model(model).output(
+                self._hidden_states(model, features, step, torch.ones_like(step), cache)[:, -1]).float()
+            token = logits.argmax(-1) if greedy else torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+            token = token.masked_fill(ended, self.pad_id)
+            sequences = torch.cat([sequences, token[:, None]], dim=1)
+            ended |= token == self.end_id
+            if ended.all():
+                break
+            step = token[:, None]
+        return sequences
