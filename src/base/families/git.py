@@ -85,7 +85,7 @@ class Git(Family):
             eos_token_id=self.end_id, pad_token_id=self.pad_id, **decoding)
 
     @torch.no_grad()
-    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False):
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0):
         """Token by token with a key/value cache over the once-encoded image (transformers' generate() would encode
         it again per sample); rows that have ended are padded."""
         features = image_features.repeat_interleave(samples_per_image, dim=0)
@@ -96,7 +96,7 @@ class Git(Family):
         for _ in range(max_new_tokens):
             logits = core_model(model).output(
                 self._hidden_states(model, features, step, torch.ones_like(step), cache)[:, -1]).float()
-            token = logits.argmax(-1) if greedy else torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+            token = logits.argmax(-1) if greedy else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
             token = token.masked_fill(ended, self.pad_id)
             sequences = torch.cat([sequences, token[:, None]], dim=1)
             ended |= token == self.end_id
