@@ -96,7 +96,10 @@ class Git(Family):
         for _ in range(max_new_tokens):
             logits = core_model(model).output(
                 self._hidden_states(model, features, step, torch.ones_like(step), cache)[:, -1]).float()
-            token = logits.argmax(-1) if greedy else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
             token = token.masked_fill(ended, self.pad_id)
             sequences = torch.cat([sequences, token[:, None]], dim=1)
             ended |= token == self.end_id
