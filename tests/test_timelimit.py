@@ -4,10 +4,12 @@ The runs are in-process, on a fake clock: every reading of the time budget's clo
 one, so steps, validations and saves take known "times" and the limit falls at the same place on every machine.
 """
 import json
+import re
+import subprocess
 
 import pytest
 
-from conftest import FAST, read_metrics
+from conftest import FAST, REPO, read_metrics
 from src.base import budget
 from src.base import constants as C
 from src.base.budget import TimeBudget, parse_time_limit
@@ -105,3 +107,38 @@ def test_a_job_stops_for_its_time_limit_and_resubmitted_finishes_like_an_uninter
     assert f"not enough for the next {stops_before}" in log
     assert f"state saved at step {stops[0]}" in log and "exiting with status 99" in log
     assert comparable_metrics(straight) == comparable_metrics(out)
+
+
+# ---------------------------------------------------------------- SGE wrappers
+
+def _wrapper_argv(tmp_path, wrapper, job_id=None, qstat_output=None):
+    """The arguments the wrapper hands to python, with python (and qstat, if given) replaced by stand-ins."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    if qstat_output is not None:
+        (bin_dir / "qstat").write_text(f"#!/bin/bash\n[ \"$1 $2\" = \"-j 4242\" ] && cat <<'END'\n{qstat_output}\nEND\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    (tmp_path / "bin" / "activate").write_text(f'export PATH="{bin_dir}:/usr/bin:/bin"\n')
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VENV_DIR": str(tmp_path), **({"JOB_ID": job_id} if job_id else {})}
+    result = subprocess.run(["bash", wrapper, "--epochs", "1"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("\n")[1:-1]  # after the job_env line
+
+
+QSTAT = """job_number:                 4242
+sge_o_workdir:              /home/someone/vizwiz
+hard resource_list:         gpu=1,h_rt=3600
+soft resource_list:         h_rt=7200"""
+
+
+@pytest.mark.parametrize("wrapper, module", [("ft_train.sh", "src.ft.train"), ("peft_train.sh", "src.peft.train")])
+def test_wrappers_pass_the_jobs_own_run_time_limit(wrapper, module, tmp_path):
+    text = (REPO / wrapper).read_text()
+    h_rt = re.search(r"^#\$ -l h_rt=(\S+)$", text, re.M).group(1)
+    assert re.search(r"^TIME_LIMIT=(\S+)$", text, re.M).group(1) == h_rt  # the fallback line next to it agrees
+    run = ["-m", module]
+    assert _wrapper_argv(tmp_path, wrapper, "4242", QSTAT) == [*run, "--time-limit", "3600", "--epochs", "1"]
+    assert _wrapper_argv(tmp_path, wrapper, "4242", "") == [*run, "--time-limit", h_rt, "--epochs", "1"]
+    assert _wrapper_argv(tmp_path, wrapper) == [*run, "--epochs", "1"]  # not under SGE: no limit
