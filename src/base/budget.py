@@ -58,7 +58,9 @@ class TimeBudget:
 
     def __init__(self, limit_seconds=None, started=None):
         self.limit = limit_seconds
-        self.deadline = None if limit_seconds is None else (process_start_time() if started is None else started) + limit_seconds
+        if started is None:
+            started = process_start_time()
+        self.deadline = None if limit_seconds is None else started + limit_seconds
         self.longest = {"step": 0.0, "validation": 0.0, "save": 0.0}
         self.lap_started = time.time()
 
