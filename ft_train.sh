@@ -9,6 +9,9 @@
 # killing the job (SIGTERM/SIGINT work too). The run finishes its step, saves its full state in
 # <output-dir>/state and exits with status 99, which tells SGE to requeue the job; the requeued job
 # resumes by itself. To resubmit by hand, run the same qsub command again (add --fresh to start over).
+# Run-time limit: the job passes its own h_rt (as qstat shows it, so `qsub -l h_rt=...` counts too; else
+# TIME_LIMIT below) to --time-limit: the run saves its state and exits with 99 before h_rt, while a step or a
+# validation and one more save still fit (measured as it goes). Keep TIME_LIMIT equal to the h_rt line.
 # Exit status 3: the loss went NaN/inf several steps in a row (lower --lr); 2: bad input (see the log).
 #$ -N blip_ft
 #$ -cwd
@@ -16,10 +19,12 @@
 #$ -o logs/$JOB_NAME.$JOB_ID.log
 #$ -l gpu=1
 #$ -pe smp 8
-#$ -l h_rt=24:00:00
 #$ -notify
+#$ -l h_rt=24:00:00
+TIME_LIMIT=24:00:00
 set -uo pipefail
 # under SGE $0 is a spooled copy of this script: the repository is the directory qsub ran in
 cd "${SGE_O_WORKDIR:-$(dirname "$0")}" && source scripts/job_env.sh || exit 2
 # exec: python replaces the shell, so it receives the SGE signals itself and its exit status is the job's
-exec python -m src.ft.train "$@"
+limit=$(job_time_limit "$TIME_LIMIT")  # empty outside SGE: no limit
+exec python -m src.ft.train ${limit:+--time-limit "$limit"} "$@"

@@ -16,7 +16,8 @@ each epoch end and at the last step, each followed by a state save; saves every 
 after --save-every-minutes), taking every validation to find a new best (an upper bound). On a GPU it also
 finds the largest batch that trains (halving from --search-from on out-of-memory errors) and times it.
 --json writes the profile and the prediction; --from-profile re-predicts from such a file for other
-epochs, steps, validation and save settings or data sizes, without profiling. The cost per step holds
+epochs, steps, validation and save settings or data sizes, without profiling. --fit HH:MM:SS cuts the run to
+one job of that length (see `fit`) and prints its qsub line. The cost per step holds
 for the profiled batch size, beams, precision and model only: change those and profile again.
 
 Accuracy: tests/test_estimate.py runs this on the demo assets (tiny BLIP, synthetic set) and then the real
@@ -33,19 +34,23 @@ import importlib
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.base import profiling
-from src.base.config import RunConfig, resolve, training_parser
+from src.base.budget import format_duration, parse_time_limit, save_margin
+from src.base.config import RunConfig, defaults, resolve, training_parser
 from src.base.data import load_split, with_captions
 from src.base.engine import Trainer, peak_memory_gb
 from src.base.helpers import UserError, exit_on_user_error, log, setup_logging
 
 TOLERANCE = 0.40      # the demo's predicted whole run is within this fraction of the measured one (tested)
 SAFETY_MARGIN = 1.25  # h_rt = predicted whole run x this, rounded up to the minute
+VALIDATION_SHARE = 0.25  # --fit: the validations of a job take at most this share of it
+SUGGESTED = ("epochs", "max_steps", "eval_every", "val_max_images")  # the settings --fit chooses
 # settings that change the cost of a step or of a validation image: a profile holds for its own values only
 PROFILE_BOUND = ("checkpoint", "batch_size", "precision", "objective", "grad_accum", "grad_checkpointing", "compile",
                  "scst_samples", "scst_baseline", "max_caption_tokens", "num_workers", "eval_batch_size", "num_beams",
@@ -130,6 +135,96 @@ def predict(profile, plan, margin=SAFETY_MARGIN):
         prediction["largest_batch"] = {**largest, "epoch_seconds": math.ceil(plan.train_images / largest["batch_size"])
                                        * largest["step_seconds"]}
     return prediction
+
+
+# ---------------------------------------------------------------- fitting a run to one job
+
+def validation_seconds(profile, val_images):
+    """One validation and its new-best write."""
+    return (profile["validation_fixed_seconds"] + profile["validation_seconds_per_image"] * val_images
+            + profile["best_save_seconds"])
+
+
+def fits(profile, plan, budget_seconds, margin=SAFETY_MARGIN):
+    """Whether the run ends (its prediction x `margin`) before --time-limit `budget_seconds` would stop it: the
+    engine stops when the next step or validation would leave less than the final save's margin."""
+    whole_run = predict(profile, plan, margin)["whole_run_seconds"]
+    return whole_run * margin + save_margin(profile["state_save_seconds"]) <= budget_seconds
+
+
+def fit(profile, plan, budget_seconds, margin=SAFETY_MARGIN):
+    """`plan` cut to one job of `budget_seconds`: the most steps that fit, up to the plan's (in epochs if the plan
+    counts epochs and all fit), with validations taking at most VALIDATION_SHARE of the job: further apart
+    (--eval-every doubled, then only at epoch ends), then on fewer images. UserError if not even one step fits."""
+    share = VALIDATION_SHARE * budget_seconds
+
+    def validating(candidate):
+        return predict(profile, candidate, margin)["validations"] * validation_seconds(profile, candidate.val_images)
+
+    def shaped(steps):
+        candidate = dataclasses.replace(plan, max_steps=steps)
+        while candidate.eval_every > 0 and validating(candidate) > share:
+            candidate.eval_every = candidate.eval_every * 2 if candidate.eval_every * 2 < steps else 0
+        if validating(candidate) > share and profile["validation_seconds_per_image"] > 0:
+            count = predict(profile, candidate, margin)["validations"]
+            candidate.val_images = int((share / count - validation_seconds(profile, 0))
+                                       / profile["validation_seconds_per_image"])
+        return candidate
+
+    def fits_in_budget(steps):
+        candidate = shaped(steps)
+        return candidate.val_images >= 1 and fits(profile, candidate, budget_seconds, margin)
+
+    if not fits_in_budget(1):
+        raise UserError(f"--fit {format_duration(budget_seconds)}: too short for the startup, one step, the "
+                        f"validations and the final save's margin")
+    low, high = 1, plan.total_steps  # the most steps that fit: fits_in_budget(low) holds throughout
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits_in_budget(middle) else (low, middle - 1)
+    best = shaped(low)
+    if plan.max_steps <= 0 and low == plan.total_steps:  # all the planned epochs fit: say so in epochs
+        best.max_steps = 0
+    return best
+
+
+def command_flags(method, config, args):
+    """Flags for the job: the ones given now and the profiled settings the costs depend on (not --fit's own)."""
+    default, flags = defaults(method), []
+    for key, value in dataclasses.asdict(config).items():
+        given = getattr(args, key, None) is not None
+        if key in SUGGESTED or key == "method" or not (given or (key in PROFILE_BOUND and value != default[key])):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    flags += ["--keep-rejected"] * (not config.drop_rejected) + ["--keep-precanned"] * (not config.drop_precanned)
+    return flags
+
+
+def suggested_flags(plan):
+    length = ["--max-steps", plan.max_steps] if plan.max_steps > 0 else ["--epochs", plan.epochs]
+    return [*map(str, length), "--eval-every", str(plan.eval_every), "--val-max-images", str(plan.val_images)]
+
+
+def qsub_line(method, flags, budget_seconds):
+    limit = format_duration(budget_seconds)
+    return shlex.join(["qsub", "-l", f"h_rt={limit}", f"{method.name}_train.sh", *flags, "--time-limit", limit])
+
+
+def print_fit(planned, fitted, prediction, budget_seconds, qsub, margin):
+    limit = format_duration(budget_seconds)
+    print(f"fit in {limit} (validations at most {VALIDATION_SHARE:.0%} of it; the whole run x {margin} ends before "
+          f"the time limit's last-save margin):")
+    print(f"  {' '.join(suggested_flags(fitted))}: {prediction['total_steps']} steps, whole run "
+          f"{duration(prediction['whole_run_seconds'])}, {prediction['validations']} validations of "
+          f"{fitted.val_images} images ({duration(prediction['validating_seconds'])})")
+    if fitted.total_steps < planned.total_steps:
+        print(f"  (the planned {planned.total_steps} steps need more: this is what one job trains; the planned run "
+              f"goes on in requeued jobs with --time-limit)")
+    print(f"  {qsub}")
 
 
 # ---------------------------------------------------------------- measuring
@@ -254,6 +349,9 @@ def parse_args(argv):
     parser.add_argument("--safety-margin", type=float, default=SAFETY_MARGIN, help="h_rt = whole run x this")
     parser.add_argument("--from-profile", help="re-predict from this --json file instead of profiling")
     parser.add_argument("--json", help="write the profile and the prediction here")
+    parser.add_argument("--fit", metavar="HH:MM:SS",
+                        help="suggest --epochs or --max-steps, --eval-every and --val-max-images for one job of this "
+                             "length (its h_rt), and print the qsub line")
     args = parser.parse_args(argv)
     for name in ("profile_steps", "val_batches", "train_images", "val_images", "safety_margin"):
         value = getattr(args, name)
@@ -276,6 +374,7 @@ def plan_for(config, profile, args):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    budget_seconds = parse_time_limit(args.fit, "--fit")
     setup_logging()
     method = importlib.import_module(f"src.{args.method}.method").METHOD
     if args.from_profile:
@@ -287,10 +386,17 @@ def main(argv=None):
     plan = plan_for(config, profile, args)
     prediction = predict(profile, plan, args.safety_margin)
     print_report(profile, plan, prediction)
+    result = {"profile": profile, "plan": dataclasses.asdict(plan), "prediction": prediction}
+    if budget_seconds:
+        fitted = fit(profile, plan, budget_seconds, args.safety_margin)
+        qsub = qsub_line(method, command_flags(method, config, args) + suggested_flags(fitted), budget_seconds)
+        fitted_prediction = predict(profile, fitted, args.safety_margin)
+        print_fit(plan, fitted, fitted_prediction, budget_seconds, qsub, args.safety_margin)
+        result["fit"] = {"budget_seconds": budget_seconds, "plan": dataclasses.asdict(fitted),
+                         "prediction": fitted_prediction, "qsub": qsub}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"profile": profile, "plan": dataclasses.asdict(plan),
-                                               "prediction": prediction}, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -12,3 +12,15 @@ fi
 export PYTHONUNBUFFERED=1
 [ -n "${NSLOTS:-}" ] && export OMP_NUM_THREADS="$NSLOTS"
 echo "$(date '+%F %T') job ${JOB_ID:-local} on $(hostname), GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo none)"
+
+# The job's run-time limit, for --time-limit: its own h_rt from `qstat -j` (seconds or HH:MM:SS), else $1 (the
+# wrapper's TIME_LIMIT line); nothing outside SGE. A qmaster that does not answer in 20 s falls back to $1.
+job_time_limit() {
+    [ -n "${JOB_ID:-}" ] || return 0
+    local h_rt=""
+    if command -v qstat >/dev/null 2>&1; then
+        h_rt=$(timeout 20 qstat -j "$JOB_ID" 2>/dev/null \
+               | sed -n 's/^hard[ _]resource_list:.*[[:space:],]h_rt=\([0-9:]*\).*/\1/p' | head -1)
+    fi
+    echo "${h_rt:-${1:-}}"
+}

@@ -10,6 +10,7 @@ from conftest import FAST, read_metrics, run_module
 
 from scripts import estimate
 from src.base import profiling
+from src.base.budget import save_margin
 from src.base.config import defaults, resolve, training_parser
 from src.base.engine import Trainer
 from src.base.helpers import UserError, log
@@ -223,3 +224,40 @@ def test_prediction_on_the_demo_is_within_tolerance_of_the_real_run(tiny_blip, d
     metrics = read_metrics(out / "run")
     assert prediction["validations"] == len(metrics) and prediction["total_steps"] == metrics[-1]["step"]
     assert abs(error) <= estimate.TOLERANCE
+
+
+# ---------------------------------------------------------------- --fit: one job of a given length
+
+@pytest.mark.parametrize("budget_seconds", [150, 240, 600, 3600])
+def test_fit_suggestions_replayed_fit_the_budget_with_the_time_limits_margin(budget_seconds):
+    profile = synthetic_profile(validation_seconds_per_image=0.05)
+    planned = plan(max_steps=0, epochs=5, eval_every=20, save_every=500, val_images=400, eval_at_start=True)
+    fitted = estimate.fit(profile, planned, budget_seconds)
+    q = estimate.predict(profile, fitted)
+    # the engine stops when the next step or validation would leave less than the final save's margin
+    assert q["whole_run_seconds"] * estimate.SAFETY_MARGIN + save_margin(profile["state_save_seconds"]) <= budget_seconds
+    assert q["validations"] * estimate.validation_seconds(profile, fitted.val_images) <= 0.25 * budget_seconds
+    assert 1 <= fitted.val_images <= 400 and 1 <= fitted.total_steps <= planned.total_steps
+    if fitted.total_steps == planned.total_steps:  # all the epochs fit: said in epochs
+        assert (fitted.max_steps, fitted.epochs) == (0, 5)
+    else:
+        assert fitted.max_steps == fitted.total_steps
+    assert (fitted == planned) == (budget_seconds == 3600)  # an hour holds the whole plan as it is
+
+
+def test_fit_prints_the_qsub_line_and_refuses_a_budget_too_short(tmp_path, capsys, keep_log_handlers):
+    profile_file, out = tmp_path / "profile.json", tmp_path / "plan.json"
+    profile_file.write_text(json.dumps({"profile": synthetic_profile()}))
+    assert estimate.main(["ft", "--from-profile", str(profile_file), "--max-steps", "600", "--fit", "00:03:00",
+                          "--json", str(out)]) == 0
+    fitted = json.loads(out.read_text())["fit"]
+    steps, eval_every, val_images = (fitted["plan"][key] for key in ("max_steps", "eval_every", "val_images"))
+    qsub = (f"qsub -l h_rt=00:03:00 ft_train.sh --batch-size 8 --max-steps {steps} --eval-every {eval_every} "
+            f"--val-max-images {val_images} --time-limit 00:03:00")
+    assert fitted["qsub"] == qsub and qsub in capsys.readouterr().out
+    assert 0 < steps < 600 and estimate.fits(synthetic_profile(), estimate.Plan(**fitted["plan"]), 180)
+    for too_short in ("00:01:00", "1:99"):
+        with pytest.raises(SystemExit) as exit_info:
+            estimate.main(["ft", "--from-profile", str(profile_file), "--fit", too_short])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and error.startswith("error: --fit") and error.count("\n") == 1, error

@@ -207,6 +207,10 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
                         "best_model/ is never worse than where the run started (default on)")
     p.add_argument("--save-every", type=int, help="steps between training-state saves (0 = only at validations)")
     p.add_argument("--save-every-minutes", type=float, help="and at least this often in wall time")
+    p.add_argument("--time-limit", metavar="HH:MM:SS",
+                   help="save the state and exit with status 99 (SGE requeues) while there is still time for the "
+                        "next step or validation and a final save before this limit, counted from the job's start "
+                        "(the SGE wrappers set it from -l h_rt); not saved with the run")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction,
                    help="stop at an unreadable image instead of skipping it")
     p.add_argument("--eval-batch-size", type=int, help="images per generate() call")

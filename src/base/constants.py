@@ -93,6 +93,10 @@ EVAL_EVERY = _env("EVAL_EVERY", 1000)            # steps; 0 = only at each epoch
 EVAL_AT_START = _env("EVAL_AT_START", True)      # validate the starting checkpoint first (step 0): best_model/ >= start
 SAVE_EVERY = _env("SAVE_EVERY", 500)             # steps between full training-state saves; 0 = only at evals
 SAVE_EVERY_MINUTES = _env("SAVE_EVERY_MINUTES", 15.0)  # ... and at least this often in wall time
+# --time-limit: stop in time to save (see src/base/budget.py); "" = no limit. The SGE wrappers set it from h_rt.
+TIME_LIMIT = _env("TIME_LIMIT", "")              # HH:MM:SS (or seconds), counted from the job's start
+TIME_LIMIT_SAVE_FACTOR = _env("TIME_LIMIT_SAVE_FACTOR", 3.0)  # kept for the final save: its longest save so far x this
+TIME_LIMIT_MIN_MARGIN = _env("TIME_LIMIT_MIN_MARGIN", 60.0)   # ... and never less (seconds): all it has before a save
 MAX_NONFINITE_IN_A_ROW = _env("MAX_NONFINITE_IN_A_ROW", 5)  # NaN/inf losses tolerated in a row before stopping
 STRICT = _env("STRICT", False)                   # stop on an unreadable image instead of skipping it
 EVAL_BATCH_SIZE = _env("EVAL_BATCH_SIZE", 64)

@@ -21,6 +21,7 @@ from transformers import get_scheduler
 
 from . import constants as C
 from . import decoding, report
+from .budget import TimeBudget, format_duration
 from .checkpoint import (Progress, clear_run, has_training_state, load_training_state, save_best_model,
                          save_training_state)
 from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, ImageSet, ImageTransform,
@@ -33,7 +34,7 @@ from .modeling import enable_activation_checkpointing, parameter_summary
 from .objectives import make_objective
 
 METRICS_FILE = "metrics.jsonl"
-EXIT_STOPPED = 99     # stopped by a signal after saving its state; SGE requeues a job that exits with 99
+EXIT_STOPPED = 99     # stopped by a signal or --time-limit, state saved; SGE requeues a job that exits with 99
 EXIT_NONFINITE = 3    # too many non-finite losses in a row; the last good state is kept
 
 
@@ -137,6 +138,7 @@ def decoding_settings(config):
 def caption_records(model, records, transform, family, config, device, precision, desc, stop=None):
     """Generate one caption per record, batched. Returns ({image_id: caption}, [bad image messages]).
 
+    `stop`, if given, is asked before each batch; a true answer raises Interrupted.
     A bad image is captioned as a blank one (so a submission covers every id), unless --strict.
     """
     loader = make_loader(ImageSet(records, transform), num_workers(config), collate_images,
@@ -144,7 +146,7 @@ def caption_records(model, records, transform, family, config, device, precision
     model.eval()
     predictions, bad = {}, []
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=_tqdm_interval()):
-        if stop is not None and stop.received:
+        if stop is not None and stop():
             raise Interrupted
         for message in batch["bad"]:
             if config.strict:
@@ -161,7 +163,7 @@ def caption_records(model, records, transform, family, config, device, precision
 def caption_in_shares(processes, model, records, transform, family, config, device, precision, desc, stop=None):
     """caption_records over this process's share of `records`; every process gets all the captions.
 
-    With several processes a stop signal waits for the end of the pass (they must finish it together).
+    With several processes `stop` is not asked: they must finish the pass together.
     """
     predictions, bad = caption_records(model, processes.shard(records), transform, family, config, device,
                                        precision, desc, stop if processes.world == 1 else None)
@@ -279,8 +281,11 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
 
 
 class Trainer:
-    def __init__(self, method, config, fresh=False):
+    def __init__(self, method, config, fresh=False, time_limit=None):
+        """`time_limit`: seconds from the process's start (--time-limit), or None."""
         self.config, self.fresh = config, fresh
+        self.budget = TimeBudget(time_limit)
+        self.saved_at = None  # where the last state save was: a stop for time right after it need not save again
         self.output_dir = Path(config.output_dir)
         self.processes = Processes()  # one, or several under accelerate launch / torchrun
         self.device = self.processes.device
@@ -329,6 +334,9 @@ class Trainer:
     def run(self):
         """Train to the end (exit status 0), or until a signal (EXIT_STOPPED) or a non-finite streak (EXIT_NONFINITE)."""
         p = self.progress
+        if not self.budget.fits():  # before writing anything; requeued, the job would only stop again
+            raise UserError(f"--time-limit {format_duration(self.budget.limit)}: no time left after the startup for "
+                            f"even one state save; give the job more time")
         if self.processes.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if self.fresh:
@@ -357,6 +365,7 @@ class Trainer:
             log.info("validating the starting model first (step 0; --no-eval-at-start skips this)")
 
         self.clock = self.last_save = time.time()
+        self.budget.start_lap()
         # miniters=1: tqdm's monitor thread would otherwise redraw between mininterval's redraws
         with StopSignals() as self.stop, tqdm(total=self.total_steps, initial=p.step, desc="training",
                                               dynamic_ncols=True, mininterval=_tqdm_interval(), miniters=1,
@@ -397,6 +406,7 @@ class Trainer:
                 log.error(f"stopping: {p.nonfinite_in_a_row} non-finite losses in a row (lower --lr, or try "
                           f"--precision fp32); the last good state is in {self.output_dir / 'state'}")
                 return EXIT_NONFINITE
+        self.budget.lap("step")
         p.batch_in_epoch += 1
         epoch_ended = p.batch_in_epoch == self.steps_per_epoch
         if epoch_ended:
@@ -405,12 +415,12 @@ class Trainer:
         eval_due = stepped and self.config.eval_every > 0 and p.step % self.config.eval_every == 0
         if p.step != p.last_eval_step and (eval_due or epoch_ended or self._finished()):
             p.eval_pending = True
-            return self._validate()
+            return self._validate() or self._stop_if_out_of_time("step")
         save_due = stepped and self.config.save_every > 0 and p.step % self.config.save_every == 0
         (save_by_clock,) = self._agree_on_stop(time.time() - self.last_save > 60 * self.config.save_every_minutes)
         if save_due or save_by_clock or self.stop.received:
             self._save_state()
-        return self._stop_if_signalled()
+        return self._stop_if_signalled() or self._stop_if_out_of_time("step")
 
     def train_batch(self, batch):
         """One optimizer update on a loader batch, no bookkeeping. Returns (loss, updated)."""
@@ -421,7 +431,12 @@ class Trainer:
     def caption(self, records, desc="captioning"):
         """({image_id: caption}, [bad image messages]) for `records`, with the model as it is now."""
         return caption_in_shares(self.processes, self.model, records, self.transform, self.family,
-                                 self.config, self.device, self.precision, desc, self.stop)
+                                 self.config, self.device, self.precision, desc, self._stop_captioning)
+
+    def _stop_captioning(self):
+        """Asked between validation batches (one process): a stop signal, or only the final save's time left (the
+        first validation has no measured length to check against beforehand)."""
+        return (self.stop is not None and self.stop.received) or not self.budget.fits()
 
     def _step(self, batch, captions, images):
         """One update and its bookkeeping. Returns False when it was skipped for a non-finite loss or gradient."""
@@ -461,16 +476,22 @@ class Trainer:
     def _validate(self):
         """Caption and score the validation set; keep best_model/; append to metrics.jsonl; save the state."""
         p = self.progress
+        status = self._stop_if_out_of_time("validation")  # eval_pending is saved: the resumed run validates first
+        if status is not None:
+            return status
         self._tick()
         train_seconds = p.elapsed_seconds - p.elapsed_at_last_eval  # since the previous validation
         try:
-            predictions, _ = self.caption(self.val_records, "validating")
+            with self.budget.measure("validation"):
+                predictions, _ = self.caption(self.val_records, "validating")
+                train_stats = self.objective.take_stats(self.processes)  # every process: SCST rewards are summed
+                if self.processes.is_main:  # the others wait for it at the next step
+                    self._score_and_record(predictions, train_seconds, train_stats)
         except Interrupted:
+            if not self.stop.received:
+                return self._stop_if_out_of_time(None)
             self._save_state()
             return self._stop_if_signalled()
-        train_stats = self.objective.take_stats(self.processes)  # every process: SCST rewards are summed over them
-        if self.processes.is_main:  # the others wait for it at the next step
-            self._score_and_record(predictions, train_seconds, train_stats)
         p.loss_sum, p.loss_count, p.last_eval_step, p.eval_pending = 0.0, 0, p.step, False
         p.bad_images_reported = len(p.bad_images)
         p.captions_at_last_eval, p.elapsed_at_last_eval = p.captions_seen, p.elapsed_seconds
@@ -520,15 +541,35 @@ class Trainer:
     def _save_state(self):
         self._tick()
         self.last_save = time.time()  # after a failure too: retry at the next due save, not every batch
+        p = self.progress
+        self.saved_at = (p.step, p.epoch, p.batch_in_epoch, p.eval_pending)  # the same on every process
         rng_states = self.processes.gather([rng_state()])  # every process's: a resumed run replays each one
         if not self.processes.is_main:
             return
         try:
-            save_training_state(self.output_dir, self.model, self.optimizer, self.scheduler, self.scaler,
-                                self.progress, self.config, rng_states)
+            with self.budget.measure("save"):  # --time-limit keeps time for one more
+                save_training_state(self.output_dir, self.model, self.optimizer, self.scheduler, self.scaler,
+                                    self.progress, self.config, rng_states)
         except OSError as error:
             log.error(f"could not save the training state to {self.output_dir / 'state'} ({error}); "
                       f"the previous state is kept")
+
+    def _stop_if_out_of_time(self, work):
+        """Save and stop (EXIT_STOPPED) if `work` (the next 'step' or 'validation'; None: the rest of this one) and
+        a final state save would not fit in --time-limit; the processes decide together. Else None."""
+        p = self.progress
+        if self.budget.deadline is None or (work == "step" and self._finished()):
+            return None
+        (out_of_time,) = self.processes.sum([not self.budget.fits(work)])
+        if not out_of_time:
+            return None
+        why = self.budget.describe(work)
+        if self.saved_at != (p.step, p.epoch, p.batch_in_epoch, p.eval_pending):
+            self._save_state()
+        log.info(f"stopping for the time limit: {why}; state saved at step {p.step} in {self.output_dir / 'state'}; "
+                 f"exiting with status {EXIT_STOPPED} (SGE requeues the job). Resubmit the same command (or run "
+                 f"src.{self.config.method}.resume) to continue.")
+        return EXIT_STOPPED
 
     def _agree_on_stop(self, *values):
         """Sum `values` over the processes, and share the stop flag: one signalled process stops them all at the

@@ -4,9 +4,11 @@ import os
 from pathlib import Path
 
 from . import config as run_config
+from . import constants as C
 from . import decoding
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
+from .budget import parse_time_limit
 from .distributed import Processes, main_process
 from .engine import Trainer, caption_in_shares, resolve_precision, set_tf32
 from .evaluate import format_scores, score_captions
@@ -16,6 +18,13 @@ from .profiling import find_batch_size
 
 def _output_dir(method, args):
     return Path(args.output_dir or run_config.defaults(method)["output_dir"])
+
+
+def _time_limit(args):
+    """--time-limit, else TIME_LIMIT, in seconds (None: no limit); a job's own setting, not saved with the run."""
+    if args.time_limit is not None:
+        return parse_time_limit(args.time_limit)
+    return parse_time_limit(C.TIME_LIMIT, "TIME_LIMIT")
 
 
 def _start(method, args, saved, log_name):
@@ -42,6 +51,7 @@ def train_main(method, argv=None):
                         help="GPU, new runs: train with the largest --batch-size that fits, searched by halving from "
                              "START (256)")
     args = parser.parse_args(argv)
+    time_limit = _time_limit(args)
     output_dir = _output_dir(method, args)
     saved = run_config.load_saved(output_dir)
     if saved:
@@ -55,20 +65,21 @@ def train_main(method, argv=None):
             raise UserError("--find-batch-size: search on one GPU (plain python -m ...), then launch the processes "
                             "with the --batch-size it finds")
         config.batch_size = find_batch_size(method, config, start=args.find_batch_size)
-    return Trainer(method, config, fresh=args.fresh).run()
+    return Trainer(method, config, fresh=args.fresh, time_limit=time_limit).run()
 
 
 @exit_on_user_error
 def resume_main(method, argv=None):
     parser = run_config.training_parser(f"Continue a {method.name} run from its output directory.")
     args = parser.parse_args(argv)
+    time_limit = _time_limit(args)
     output_dir = _output_dir(method, args)
     saved = run_config.load_saved(output_dir)
     if saved is None or not has_training_state(output_dir):
         raise UserError(f"{output_dir}: no training state to resume (no {run_config.CONFIG_FILE} and {STATE_DIR}/); "
                         f"start a run with python -m src.{method.name}.train --output-dir {output_dir}")
     config = _start(method, args, saved, "train.log")
-    return Trainer(method, config).run()
+    return Trainer(method, config, time_limit=time_limit).run()
 
 
 @exit_on_user_error
