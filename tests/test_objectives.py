@@ -68,6 +68,58 @@ def test_scst_reward_is_pycocoevalcap_cider_d(tiny_blip, demo_data):
     assert max(expected) > 1.0 and min(expected) == 0.0  # the check covers real matches and empty captions
 
 
+def test_scst_samples_in_eval_mode_and_scores_the_samples_with_dropout_off(tiny_blip, demo_data, tmp_path,
+                                                                            monkeypatch):
+    """LoRA dropout 0.5 in a training-mode model: the captions are sampled (and the greedy baseline decoded) in
+    eval mode, and their log-probabilities come from the same deterministic policy, so the SCST loss of a batch
+    does not depend on dropout draws."""
+    trainer = _trainer(PEFT, demo_data, tiny_blip, tmp_path, "--objective", "scst", "--scst-samples", "2",
+                       "--scst-baseline", "greedy", "--lora-dropout", "0.5", "--lr", "1e-3")
+    family, seen = trainer.family, {"sample": [], "log_probs": []}
+    original_sample, original_log_probs = type(family).sample, type(family).sequence_log_probs
+
+    def sample(self, model, *args, **kwargs):
+        seen["sample"].append(model.training)
+        return original_sample(self, model, *args, **kwargs)
+
+    def log_probs(self, model, *args, **kwargs):
+        seen["log_probs"].append(any(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout)))
+        return original_log_probs(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(type(family), "sample", sample)
+    monkeypatch.setattr(type(family), "sequence_log_probs", log_probs)
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    trainer.model.train()
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        losses.append(trainer.objective.loss(trainer.model, batch).item())
+    assert seen["sample"] == [False, False] * 2  # the samples and the greedy baseline, each call
+    assert seen["log_probs"] == [False] * 2
+    assert trainer.model.training  # back in training mode afterwards
+    assert losses[0] == losses[1]  # same seed, same samples: same loss
+    assert any(m.p == 0.5 for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout))  # dropout was there
+
+
+def test_sequence_log_probs_at_a_temperature_are_those_of_the_softened_policy(tiny_blip, demo_data):
+    family = load_family(tiny_blip)
+    model = family.load_model(tiny_blip).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    features = family.encode_images(model, pixels)
+    torch.manual_seed(0)
+    sequences = family.sample(model, features, 3, 8, temperature=0.5)
+    assert sequences[:, : len(family.prefix)].tolist() == [family.prefix] * 6
+    total, counts = family.sequence_log_probs(model, features.repeat_interleave(3, dim=0), sequences, 0.5)
+    logits = family.token_logits(model, features.repeat_interleave(3, dim=0), sequences,
+                                 torch.ones_like(sequences))[:, :-1]
+    per_token = torch.log_softmax(logits / 0.5, -1).gather(2, sequences[:, 1:, None]).squeeze(2)
+    mask = family.generated_mask(sequences)
+    torch.testing.assert_close(total, (per_token * mask).sum(1), rtol=1e-5, atol=1e-5)
+    plain, _ = family.sequence_log_probs(model, features.repeat_interleave(3, dim=0), sequences)
+    assert not torch.allclose(plain, total)  # the temperature changes the scores: the check can fail
+
+
 def test_cider_d_document_frequencies_come_from_the_given_references():
     references = {1: ["a red cup"], 2: ["a red box"], 3: ["a blue box"]}
     cider = CiderD(references)

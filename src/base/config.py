@@ -110,6 +110,9 @@ def resolve(method, args, saved=None):
         check_method(saved, method, args.output_dir or values["output_dir"])
         values.update(saved)
     given = {k: v for k, v in vars(args).items() if v is not None and k in values}
+    if given.get("objective") == "scst" and not saved:
+        # warm-up and decay are cross-entropy habits; self-critical.pytorch trains SCST at a small constant rate
+        values.update(lr=method.default_lr * C.SCST_LR_FRACTION, lr_schedule="constant", warmup_ratio=0.0)
     values.update(given)
     # absolute local paths: config.json and a LoRA adapter's base path then work from any directory
     for key in ("data_dir", "output_dir"):

@@ -80,6 +80,8 @@ PROMPT = _env("PROMPT", "")                      # e.g. "a picture of" (BLIP's f
 # ---- self-critical sequence training (--objective scst) ----------------------
 SCST_SAMPLES = _env("SCST_SAMPLES", 5)           # captions sampled per image
 SCST_TEMPERATURE = _env("SCST_TEMPERATURE", 0.5)  # SCST samples from softmax(logits / T): see README "SCST"
+# SCST runs at a constant rate, a quarter of the method's cross-entropy rate unless --lr is given (see README "SCST")
+SCST_LR_FRACTION = _env("SCST_LR_FRACTION", 0.25)
 SCST_BASELINE = _env("SCST_BASELINE", "mean")    # mean: of the image's other samples; greedy: its greedy caption
 
 # ---- LoRA (src/peft) ---------------------------------------------------------

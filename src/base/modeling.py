@@ -45,13 +45,15 @@ def enable_activation_checkpointing(model):
 
 @contextmanager
 def evaluation_mode(model):
-    """The whole model in eval mode (no dropout, generation's KV cache on), then back to the mode it was in."""
-    was_training = model.training
+    """The whole model in eval mode (no dropout, generation's KV cache on), then every module back in the mode it
+    was in (so it nests inside dropout_off)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @contextmanager
