@@ -5,7 +5,9 @@
 #   3. adapt it to the VizWiz-style set by full fine-tuning (src.ft) and by LoRA (src.peft),
 #      each keeping the checkpoint with the best validation CIDEr-D
 #   4. a second stage on the fine-tuned model: self-critical sequence training on CIDEr-D (--objective scst)
-#   5. write test_captions.json with each best model, and score each on the validation split
+#   5. another captioner family through the same entry point: a tiny GIT, fully fine-tuned
+#   6. choose decoding settings for the fine-tuned model on validation (--tune-decoding)
+#   7. write test_captions.json with each best model, and score each on the validation split
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
@@ -23,10 +25,14 @@ python -m src.ft.train --data-dir "$DEMO/vizwiz" --checkpoint "$OUT/pretrained/b
 python -m src.peft.train --data-dir "$DEMO/vizwiz" --checkpoint "$OUT/pretrained/best_model" --output-dir "$OUT/peft" \
     --max-steps "$((2 * STEPS))" --lr 3e-3 "${QUICK[@]}"
 python -m src.ft.train --objective scst --data-dir "$DEMO/vizwiz" --checkpoint "$OUT/ft/best_model" \
-    --output-dir "$OUT/ft-scst" "${QUICK[@]}" --eval-every 10 --max-steps 40 --lr 5e-5 --lr-schedule constant \
-    --warmup-ratio 0   # (a later flag wins: validate every 10 steps)
+    --output-dir "$OUT/ft-scst" "${QUICK[@]}" --eval-every 10 --max-steps 40 --lr 5e-5   # (a later flag wins)
+python -m src.ft.train --data-dir "$DEMO/vizwiz" --checkpoint "$DEMO/tiny-git" --output-dir "$OUT/git-ft" \
+    --max-steps "$STEPS" --lr 1e-3 "${QUICK[@]}"
+echo "each run's first validation is its starting model (step 0), e.g. ft's:"
+head -n 1 "$OUT/ft/metrics.jsonl"
+python -m src.ft.test --output-dir "$OUT/ft" --split val --tune-decoding
 
-for run in ft peft ft-scst; do
+for run in ft peft ft-scst git-ft; do
     method="${run%%-*}"
     python -m "src.$method.test" --output-dir "$OUT/$run"
     python -m "src.$method.test" --output-dir "$OUT/$run" --split val > /dev/null
@@ -34,4 +40,4 @@ done
 # the pretrained stand-in with no adaptation, scored on the same VizWiz-style validation set
 python -m src.ft.test --output-dir "$OUT/zero-shot" --checkpoint "$OUT/pretrained/best_model" \
     --data-dir "$DEMO/vizwiz" --split val --min-new-tokens 0 --max-new-tokens 20 > /dev/null
-python scripts/summarize.py "$OUT/zero-shot" "$OUT/ft" "$OUT/peft" "$OUT/ft-scst"
+python scripts/summarize.py "$OUT/zero-shot" "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/git-ft"
