@@ -61,6 +61,12 @@ class Blip2(Family):
         # after a prompt, a caption's first word is a word inside the text (" a", BPE's "Ġa"), as generated there
         return super().training_sequences([" " + c.strip() if self.prompt else c for c in captions], max_tokens)
 
+    @property
+    def never_generated(self):
+        """Token ids generation must not choose: the <image> placeholder (a caption never holds one)."""
+        image_token = getattr(self.config, "image_token_index", None)
+        return [image_token] if image_token is not None else []
+
     def tidy(self, text):
         return " ".join(text.split())
 
@@ -101,7 +107,7 @@ class Blip2(Family):
         new = core_model(model).language_model.generate(
             inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens, do_sample=False, eos_token_id=self.end_id, pad_token_id=self.pad_id,
-            bos_token_id=self.start_ids()[0], **decoding)
+            bos_token_id=self.start_ids()[0], suppress_tokens=self.never_generated or None, **decoding)
         return torch.cat([start, new], dim=1)  # from inputs_embeds alone, generate() returns only the new tokens
 
     @torch.no_grad()
@@ -114,8 +120,9 @@ class Blip2(Family):
         cache = DynamicCache()
         ended = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
         for _ in range(max_new_tokens):
-            logits = language_model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
+            logits = language_model(inputs_embeds=embeds, attention_mask=mask, cache=cache,
                                     use_cache=True).logits[:, -1].float()
+            logits[:, self.never_generated] = float("-inf")
             if greedy:
                 token = logits.argmax(-1)
             else:
