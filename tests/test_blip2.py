@@ -179,7 +179,7 @@ def blip2_peft_run(tmp_path_factory, tiny_blip2, demo_data):
 def test_lora_learns_and_test_writes_one_caption_per_image(blip2_peft_run, demo_data):
     metrics = read_metrics(blip2_peft_run)
     assert metrics[0]["step"] == 0 and metrics[-1]["step"] == 60
-    # measured: 0.00 at step 0, about 0.7 at step 60
+    # measured: 0.00 at step 0, about 0.5 at step 60
     assert max(m["CIDEr"] for m in metrics) > metrics[0]["CIDEr"] + 0.2, [m["CIDEr"] for m in metrics]
     assert (blip2_peft_run / "best_model" / "adapter_config.json").is_file()
     run_module("src.peft.test", "--output-dir", blip2_peft_run)

@@ -35,6 +35,11 @@ def core_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def to_device(model, device):
+    """`model` on `device`; a quantized model (bitsandbytes, e.g. BLIP2_8BIT) was placed when loaded and refuses .to()."""
+    return model if getattr(core_model(model), "is_quantized", False) else model.to(device)
+
+
 def enable_activation_checkpointing(model):
     """Recompute each layer's activations during backward: far less memory for about a third more compute.
 

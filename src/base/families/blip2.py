@@ -32,8 +32,8 @@ class Blip2(Family):
 
     @classmethod
     def load_model(cls, checkpoint):
-        """fp32 on the CPU; on a GPU bf16 weights (half the memory; the Q-Former stays fp32, as transformers keeps
-        it), or the language model in 8 bits with BLIP2_8BIT=1 when bitsandbytes is installed."""
+        """fp32 on the CPU; on a GPU bf16 weights (half the memory; LoRA's adapters are still made fp32 by peft), and
+        the language model in 8 bits with BLIP2_8BIT=1 when bitsandbytes is installed (untested here)."""
         options = {"dtype": torch.float32}
         if torch.cuda.is_available():
             options["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
