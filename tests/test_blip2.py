@@ -18,7 +18,7 @@ from src.base.families import load_family
 from src.base.families.blip2 import QFORMER_LORA_TARGETS
 from src.base.helpers import setup_logging
 from src.base.lora import add_lora
-from src.base.modeling import parameter_summary
+from src.base.modeling import dropout_off, enable_activation_checkpointing, parameter_summary
 from src.peft.method import METHOD as PEFT
 
 
@@ -158,6 +158,38 @@ def test_lora_trains_r_times_in_plus_out_per_targeted_linear(tiny_blip2, targets
     expected = sum(r * (m.in_features + m.out_features) for m in targeted.values())
     model = add_lora(model, r=r, alpha=8, dropout=0.0, targets=targets)
     assert parameter_summary(model).startswith(f"trainable params: {expected:,} ||")
+
+    # the adapters' gradient is the same with activation checkpointing (--grad-checkpointing), dropout and all
+    model.train()
+    batch = caption_batch(family, [2, 3])
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.zero_grad()
+        torch.manual_seed(0)
+        family.loss(model, batch).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert gradients[0].abs().sum() > 0 and torch.allclose(gradients[0], gradients[1], atol=1e-7)
+
+
+def test_dropout_off_gives_the_eval_mode_policy(tiny_blip2):
+    """SCST scores samples with dropout off in a training-mode model; OPT drops out functionally (float rates)."""
+    family = load_family(tiny_blip2)
+    model = family.load_model(tiny_blip2)
+    for name in ("dropout", "attention_dropout"):  # whatever the checkpoint's rates, some dropout to turn off
+        setattr(model.config.text_config, name, 0.5)
+    model = type(model)(model.config)
+    batch = caption_batch(family, [2, 1])
+    features = family.encode_images(model.eval(), batch["pixel_values"]).repeat_interleave(
+        batch["captions_per_image"], dim=0)
+    expected = family.token_logits(model, features, batch["input_ids"], batch["attention_mask"])
+    model.train()
+    with dropout_off(model):
+        logits = family.token_logits(model, features, batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert not torch.allclose(family.token_logits(model, features, batch["input_ids"], batch["attention_mask"]),
+                              expected, atol=1e-5)  # the dropout is back
 
 
 def test_full_fine_tuning_is_refused_in_one_line(tiny_blip2, demo_data, tmp_path):
