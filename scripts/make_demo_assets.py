@@ -8,7 +8,7 @@ sideways with an EXIF rotation) of one coloured shape on a coloured background; 
 captions naming the shape, its colour and the background colour in varied phrasings, so a
 model can only score well by reading the pixels. Like the real data set, some captions are
 rejected, some images carry the precanned "quality issues" caption, and a few images have no
-usable caption at all. The tiny BLIP and GIT (about 0.3M parameters, 32x32 input) have the real
+usable caption at all. The tiny BLIP, GIT and BLIP-2 (0.3-0.4M parameters, 32x32 input) have the real
 architectures, processor and tokenizer files, saved with save_pretrained.
 """
 import argparse
