@@ -1,6 +1,6 @@
-"""Make the offline demo: a synthetic VizWiz-format data set and tiny BLIP and GIT checkpoints.
+"""Make the offline demo: a synthetic VizWiz-format data set and tiny BLIP, GIT and BLIP-2 checkpoints.
 
-    python scripts/make_demo_assets.py                # -> data/demo/{vizwiz,coco-style,tiny-blip,tiny-git}
+    python scripts/make_demo_assets.py                # -> data/demo/{vizwiz,coco-style,tiny-blip,tiny-git,tiny-blip2}
     python scripts/make_demo_assets.py --out /tmp/d --train 200 --val 40 --test 30
 
 The images are phone-photo-like JPEGs (random sizes and aspect ratios, noise, some stored
@@ -8,7 +8,7 @@ sideways with an EXIF rotation) of one coloured shape on a coloured background; 
 captions naming the shape, its colour and the background colour in varied phrasings, so a
 model can only score well by reading the pixels. Like the real data set, some captions are
 rejected, some images carry the precanned "quality issues" caption, and a few images have no
-usable caption at all. The tiny BLIP and GIT (about 0.3M parameters, 32x32 input) have the real
+usable caption at all. The tiny BLIP, GIT and BLIP-2 (0.3-0.4M parameters, 32x32 input) have the real
 architectures, processor and tokenizer files, saved with save_pretrained.
 """
 import argparse
@@ -201,9 +201,59 @@ def make_tiny_git(out_dir, image_size=32, seed=0):
     return out_dir
 
 
+def make_tiny_blip2(out_dir, image_size=32, seed=0):
+    """A randomly initialised BLIP-2 captioner (Salesforce/blip2-opt-*'s architecture: ViT, Q-Former, OPT) at toy
+    size, saved like a hub checkpoint. Its tokenizer is byte-level BPE as OPT's (GPT-2 style, trained here on the
+    demo's texts), with OPT's special tokens at OPT's ids (<s> 0, <pad> 1, </s> 2, <unk> 3): </s> starts a caption,
+    and, as in blip2-opt-2.7b's config (eos_token_id 50118), the newline token ends it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
+                              GPT2TokenizerFast)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = [t.format(c=c, s=s, b=b) for t in TEMPLATES + PRETRAIN_TEMPLATES for c in COLORS for s in SHAPES
+             for b in BACKGROUNDS] + REJECTED + [PRECANNED, "\n"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                       special_tokens=[("</s>", 2)])  # OPT prepends </s>
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", add_prefix_space=False)
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    num_query_tokens = 4
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+    processor.save_pretrained(out_dir)  # the processor adds the <image> token to the tokenizer
+
+    tokenizer = processor.tokenizer
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1, newline
+    hidden = 64
+    config = Blip2Config(
+        vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image_size, patch_size=8),
+        qformer_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+                            num_attention_heads=4, encoder_hidden_size=hidden, cross_attention_frequency=1,
+                            vocab_size=len(tokenizer)),
+        text_config=dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=hidden, ffn_dim=4 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=hidden,
+                         max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=2,
+                         eos_token_id=newline[0]),
+        num_query_tokens=num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    Blip2ForConditionalGeneration(config).save_pretrained(out_dir)
+    return out_dir
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=C.DEMO_DIR, help="writes <out>/vizwiz, <out>/tiny-blip and <out>/tiny-git (default: DEMO_DIR)")
+    parser.add_argument("--out", default=C.DEMO_DIR, help="writes <out>/vizwiz, <out>/tiny-blip, <out>/tiny-git and <out>/tiny-blip2 (default: DEMO_DIR)")
     parser.add_argument("--train", type=int, default=400, help="training images")
     parser.add_argument("--val", type=int, default=60, help="validation images")
     parser.add_argument("--test", type=int, default=40, help="test images")
@@ -213,8 +263,10 @@ def main():
     pretrain = make_dataset(Path(args.out) / "coco-style", args.train, args.val, 0, args.seed + 1, PRETRAIN_TEMPLATES)
     blip = make_tiny_blip(Path(args.out) / "tiny-blip", seed=args.seed)
     git = make_tiny_git(Path(args.out) / "tiny-git", seed=args.seed)
+    blip2 = make_tiny_blip2(Path(args.out) / "tiny-blip2", seed=args.seed)
     print(f"VizWiz-style data set: {data}\nCOCO-style pretraining set: {pretrain}\n"
-          f"tiny BLIP (random weights): {blip}\ntiny GIT (random weights): {git}")
+          f"tiny BLIP (random weights): {blip}\ntiny GIT (random weights): {git}\n"
+          f"tiny BLIP-2 (random weights): {blip2}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny BLIP and GIT checkpoints and small VizWiz-format data sets, made offline, once per session."""
+"""Shared fixtures: tiny BLIP, GIT and BLIP-2 checkpoints and small VizWiz-format data sets, made offline, once per session."""
 import json
 import os
 import subprocess
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "vizwiz_sample"  # 15 real VizWiz val photos (CC-BY 4.0, Gurari et al. 2020)
 sys.path.insert(0, str(REPO))
 
-from scripts.make_demo_assets import make_dataset, make_tiny_blip, make_tiny_git  # noqa: E402
+from scripts.make_demo_assets import make_dataset, make_tiny_blip, make_tiny_blip2, make_tiny_git  # noqa: E402
 
 # Settings for quick CPU runs of the real entry points on the tiny model.
 FAST = ["--batch-size", "8", "--num-workers", "0", "--num-beams", "1", "--min-new-tokens", "0",
@@ -29,6 +29,11 @@ def tiny_blip(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_git(tmp_path_factory):
     return make_tiny_git(tmp_path_factory.mktemp("assets") / "tiny-git")
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2(tmp_path_factory):
+    return make_tiny_blip2(tmp_path_factory.mktemp("assets") / "tiny-blip2")
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,7 @@ PRECISION = _env("PRECISION", "auto")            # auto | fp32 | bf16 | fp16
 TF32 = _env("TF32", False)                       # TF32 matmuls under fp32 too (bf16/fp16 runs use them anyway)
 GRAD_ACCUM = _env("GRAD_ACCUM", 1)               # micro-batches per step: same effective batch, less memory
 GRAD_CHECKPOINTING = _env("GRAD_CHECKPOINTING", False)  # recompute activations in backward: less memory, slower
+BLIP2_8BIT = _env("BLIP2_8BIT", False)           # BLIP-2 on a GPU: language model in 8 bits (needs bitsandbytes)
 COMPILE = _env("COMPILE", False)                 # torch.compile the training forward
 COMPILE_BACKEND = _env("COMPILE_BACKEND", "inductor")
 SEED = _env("SEED", 42)

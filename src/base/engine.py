@@ -30,7 +30,7 @@ from .distributed import Processes
 from .evaluate import format_scores, score_captions
 from .families import load_family
 from .helpers import UserError, log, process_seed, rng_state, seed_everything
-from .modeling import enable_activation_checkpointing, parameter_summary
+from .modeling import enable_activation_checkpointing, parameter_summary, to_device
 from .objectives import make_objective
 
 METRICS_FILE = "metrics.jsonl"
@@ -300,7 +300,7 @@ class Trainer:
             self.val_records = self.val_records[: config.val_max_images]
         self.family = load_family(config.checkpoint, config.prompt)
         self.processor = self.family.processor
-        self.model = method.build(config, self.family).to(self.device)
+        self.model = to_device(method.build(config, self.family), self.device)
         if config.grad_checkpointing:
             enable_activation_checkpointing(self.model)
         self.objective = make_objective(config, self.train_records, self.family)

@@ -35,6 +35,11 @@ def core_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def to_device(model, device):
+    """`model` on `device`; a quantized model (bitsandbytes, e.g. BLIP2_8BIT) was placed when loaded and refuses .to()."""
+    return model if getattr(core_model(model), "is_quantized", False) else model.to(device)
+
+
 def enable_activation_checkpointing(model):
     """Recompute each layer's activations during backward: far less memory for about a third more compute.
 
@@ -59,15 +64,25 @@ def evaluation_mode(model):
 @contextmanager
 def dropout_off(model):
     """Every dropout layer off, as in eval mode, while the rest of the model keeps its mode: with activation
-    checkpointing (which transformers runs in training mode only) the forward pass is still the eval-mode policy."""
+    checkpointing (which transformers runs in training mode only) the forward pass is still the eval-mode policy.
+    Some models (OPT, in BLIP-2) drop out functionally with probabilities kept as float attributes: those are 0 too."""
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+    rates = [(m, name, getattr(m, name)) for m in model.modules() for name in FUNCTIONAL_DROPOUT
+             if type(getattr(m, name, None)) is float and getattr(m, name) > 0]
     for module in dropouts:
         module.eval()
+    for module, name, _ in rates:
+        setattr(module, name, 0.0)
     try:
         yield model
     finally:
         for module in dropouts:
             module.train()
+        for module, name, rate in rates:
+            setattr(module, name, rate)
+
+
+FUNCTIONAL_DROPOUT = ("dropout", "attention_dropout", "activation_dropout", "layerdrop")
 
 
 def parameter_summary(model):

@@ -8,9 +8,10 @@ from ..helpers import UserError
 from ..modeling import load_pretrained
 from .base import Family
 from .blip import Blip
+from .blip2 import Blip2
 from .git import Git
 
-FAMILIES = [Blip, Git]
+FAMILIES = [Blip, Git, Blip2]
 
 
 def base_checkpoint(checkpoint):
