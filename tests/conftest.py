@@ -1,8 +1,17 @@
-"""Shared fixtures: tiny BLIP, GIT and BLIP-2 checkpoints and small VizWiz-format data sets, made offline, once per session."""
+"""Shared fixtures: tiny BLIP, GIT and BLIP-2 checkpoints and small VizWiz-format data sets, made offline, once per
+session."""
+import gc
+import importlib
+import io
 import json
 import os
-import subprocess
+import re
+import signal
+import subprocess as _subprocess
 import sys
+import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -50,15 +59,130 @@ def ft_run(tmp_path_factory, tiny_blip, demo_data):
     return out
 
 
-def run_module(module, *args, check=True, env=None):
-    """`python -m module args...` from the repo root, offline; returns the CompletedProcess."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=full_env,
-                            capture_output=True, text=True)
+def run_module(module, *args, check=True, env=None, subprocess=False):
+    """`python -m module args...` from the repo root, offline; returns a CompletedProcess (args, returncode, stdout,
+    stderr).
+
+    By default the module's `main(argv)` runs in this process (a new interpreter would spend seconds importing
+    torch and transformers again), with what a fresh process would see: cwd, sys.argv, environment (plus `env`),
+    stdout and stderr captured at the file-descriptor level (child processes' output too), warnings printed to
+    stderr; SystemExit becomes the return code, an uncaught exception a traceback on stderr and return code 1.
+    The global state it may change (logging handlers, signal handlers, random-number generators, torch's
+    threads and grad mode, warnings filters, environment, cwd) is restored afterwards.
+
+    subprocess=True runs a real `python -m` instead: for what only a new interpreter shows (`env` read at import
+    time, such as OMP_NUM_THREADS or the settings in src/base/constants.py; the real command line).
+    """
+    argv = [str(a) for a in args]
+    if subprocess:
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        result = _subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=full_env,
+                                 capture_output=True, text=True)
+    else:
+        read_at_import = sorted(set(env or {}) & IMPORT_TIME_ENV)
+        if read_at_import:
+            raise ValueError(f"run_module({module!r}): {', '.join(read_at_import)} are read at import time; "
+                             f"pass subprocess=True")
+        result = _run_in_process(module, argv, {"HF_HUB_OFFLINE": "1", **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{module} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
                              f"stderr:\n{result.stderr[-3000:]}")
     return result
+
+
+# environment variables that only take effect when a new interpreter imports torch or src.base.constants
+IMPORT_TIME_ENV = ({"OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONHASHSEED"}
+                   | set(re.findall(r'_env\("(\w+)"', (REPO / "src" / "base" / "constants.py").read_text())))
+_WARNINGS_AT_START = (list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl)  # before pytest's
+_STOP_SIGNALS = [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT]
+
+
+def _run_in_process(module, argv, env):
+    import logging
+    import random
+
+    import numpy as np
+    import torch
+
+    main = importlib.import_module(module).main
+    vizwiz_log = logging.getLogger("vizwiz")
+    saved = dict(environ=dict(os.environ), cwd=os.getcwd(), argv=sys.argv[:], path=sys.path[:],
+                 streams=(sys.stdout, sys.stderr),
+                 log=(vizwiz_log.handlers[:], vizwiz_log.level, vizwiz_log.propagate),
+                 signals={s: signal.getsignal(s) for s in _STOP_SIGNALS},
+                 rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()),
+                 torch=(torch.get_num_threads(), torch.is_grad_enabled(), torch.get_default_dtype(),
+                        torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision()))
+    captured = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    for stream in saved["streams"]:
+        stream.flush()
+    saved_fds = [os.dup(1), os.dup(2)]
+    code = None
+    try:
+        os.environ.update(env)
+        os.chdir(REPO)
+        sys.argv = [str(REPO / (module.replace(".", "/") + ".py")), *argv]
+        for fd, file in zip((1, 2), captured):
+            os.dup2(file.fileno(), fd)
+        # as PYTHONUNBUFFERED=1 made them: every write reaches the file at once, in order with child processes'
+        sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
+                                                   errors="backslashreplace", write_through=True) for fd in (1, 2))
+        # as a new interpreter has it: no handlers (warnings go to logging.lastResort, on sys.stderr, not to
+        # pytest's handlers on the root logger) until setup_logging() adds some on the streams above
+        vizwiz_log.handlers.clear()
+        vizwiz_log.setLevel(logging.NOTSET)
+        vizwiz_log.propagate = False
+        with warnings.catch_warnings():
+            warnings.filters[:] = _WARNINGS_AT_START[0]  # a new interpreter's filters, printing to stderr
+            warnings.showwarning, warnings._showwarnmsg_impl = _WARNINGS_AT_START[1:]
+            try:
+                code = main(argv)
+            except SystemExit as stop:
+                code = stop.code
+            except Exception:
+                traceback.print_exc()
+                code = 1
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved["streams"]
+        for fd, saved_fd in zip((1, 2), saved_fds):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
+        for handler in vizwiz_log.handlers:
+            if handler not in saved["log"][0]:
+                handler.close()  # the run's log file
+        vizwiz_log.handlers[:], level, vizwiz_log.propagate = saved["log"]
+        vizwiz_log.setLevel(level)
+        for s, handler in saved["signals"].items():
+            signal.signal(s, handler)
+        random.setstate(saved["rng"][0])
+        np.random.set_state(saved["rng"][1])
+        torch.set_rng_state(saved["rng"][2])
+        threads, grad, dtype, deterministic, matmul = saved["torch"]
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_float32_matmul_precision(matmul)
+        os.chdir(saved["cwd"])
+        sys.argv[:], sys.path[:] = saved["argv"], saved["path"]
+        os.environ.clear()
+        os.environ.update(saved["environ"])
+        gc.collect()
+    stdout, stderr = (_universal_newlines(file) for file in captured)
+    return _subprocess.CompletedProcess([sys.executable, "-m", module, *argv], (code or 0) & 0xFF, stdout, stderr)
+
+
+def _universal_newlines(file):
+    """What subprocess.run(text=True) would have returned: decoded, with \\r\\n and \\r as \\n."""
+    file.seek(0)
+    text = file.read().decode("utf-8", errors="replace")
+    file.close()
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_metrics(output_dir):

@@ -70,7 +70,8 @@ def test_a_batch_smaller_than_the_processes_trains_like_one_and_each_process_res
     numbers: its weights, metrics and final random-number states are those of an uninterrupted run."""
     args = ["--data-dir", demo_data, "--checkpoint", tiny_blip, *FAST, *ONE_IMAGE_WITH_DROPOUT]
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    run_module("src.peft.train", *args, "--output-dir", one, env={"OMP_NUM_THREADS": "1"})  # as torchrun sets it
+    run_module("src.peft.train", *args, "--output-dir", one, env={"OMP_NUM_THREADS": "1"},  # as torchrun sets it
+               subprocess=True)
     torchrun("src.peft.train", *args, "--output-dir", two)
 
     job = multi_gpu_train("peft", *args, "--output-dir", resumed)

@@ -200,9 +200,9 @@ def test_find_batch_size_on_the_cpu_keeps_the_start_without_building_anything(mo
 
 def predicted_and_measured(flags, out):
     """(predicted, measured) seconds of the whole run, and the prediction, for one estimate and one real run."""
-    run_module("scripts.estimate", "ft", *flags, "--profile-steps", "20", "--json", out / "plan.json")
+    run_module("scripts.estimate", "ft", *flags, "--profile-steps", "20", "--json", out / "plan.json", subprocess=True)
     start = time.perf_counter()
-    run_module("src.ft.train", *flags, "--output-dir", out / "run")
+    run_module("src.ft.train", *flags, "--output-dir", out / "run", subprocess=True)
     measured = time.perf_counter() - start
     prediction = json.loads((out / "plan.json").read_text())["prediction"]
     return prediction["whole_run_seconds"], measured, prediction

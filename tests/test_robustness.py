@@ -282,10 +282,10 @@ def test_bad_input_gives_one_line_and_status_2_and_overwrites_nothing(case, tmp_
 
 
 def test_command_line_errors_are_one_line_from_the_real_entry_point(tmp_path):
-    result = run_module("src.ft.resume", "--output-dir", tmp_path / "nothing-here", check=False)
+    result = run_module("src.ft.resume", "--output-dir", tmp_path / "nothing-here", check=False, subprocess=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    result = run_module("src.peft.test", "--split", "train", check=False)
+    result = run_module("src.peft.test", "--split", "train", check=False, subprocess=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "invalid choice" in result.stderr
 
 

@@ -2,5 +2,10 @@
 from src.base.main import train_main
 from src.ft.method import METHOD
 
+
+def main(argv=None):
+    return train_main(METHOD, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(train_main(METHOD))
+    raise SystemExit(main())

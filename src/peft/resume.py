@@ -2,5 +2,10 @@
 from src.base.main import resume_main
 from src.peft.method import METHOD
 
+
+def main(argv=None):
+    return resume_main(METHOD, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(resume_main(METHOD))
+    raise SystemExit(main())

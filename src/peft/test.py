@@ -2,5 +2,10 @@
 from src.base.main import test_main
 from src.peft.method import METHOD
 
+
+def main(argv=None):
+    return test_main(METHOD, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(test_main(METHOD))
+    raise SystemExit(main())
