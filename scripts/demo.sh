@@ -26,13 +26,13 @@ python -m src.peft.train --data-dir "$DEMO/vizwiz" --checkpoint "$OUT/pretrained
     --max-steps "$((2 * STEPS))" --lr 3e-3 "${QUICK[@]}"
 python -m src.ft.train --objective scst --data-dir "$DEMO/vizwiz" --checkpoint "$OUT/ft/best_model" \
     --output-dir "$OUT/ft-scst" "${QUICK[@]}" --eval-every 10 --max-steps 40 --lr 5e-5   # (a later flag wins)
-python -m src.ft.train --data-dir "$DEMO/vizwiz" --checkpoint "$DEMO/tiny-git" --output-dir "$OUT/git-ft" \
+python -m src.ft.train --data-dir "$DEMO/vizwiz" --checkpoint "$DEMO/tiny-git" --output-dir "$OUT/ft-git" \
     --max-steps "$STEPS" --lr 1e-3 "${QUICK[@]}"
 echo "each run's first validation is its starting model (step 0), e.g. ft's:"
 head -n 1 "$OUT/ft/metrics.jsonl"
 python -m src.ft.test --output-dir "$OUT/ft" --split val --tune-decoding
 
-for run in ft peft ft-scst git-ft; do
+for run in ft peft ft-scst ft-git; do
     method="${run%%-*}"
     python -m "src.$method.test" --output-dir "$OUT/$run"
     python -m "src.$method.test" --output-dir "$OUT/$run" --split val > /dev/null
@@ -40,4 +40,4 @@ done
 # the pretrained stand-in with no adaptation, scored on the same VizWiz-style validation set
 python -m src.ft.test --output-dir "$OUT/zero-shot" --checkpoint "$OUT/pretrained/best_model" \
     --data-dir "$DEMO/vizwiz" --split val --min-new-tokens 0 --max-new-tokens 20 > /dev/null
-python scripts/summarize.py "$OUT/zero-shot" "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/git-ft"
+python scripts/summarize.py "$OUT/zero-shot" "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/ft-git"
