@@ -2,8 +2,8 @@
 template's loop (BLIP only).
 
     python scripts/benchmark.py                          # CPU: BLIP-base shapes at 224 px, random weights
-    python scripts/benchmark.py --family git             # CPU: GIT-base shapes (224 px)
-    python scripts/benchmark.py --family blip2           # CPU: BLIP-2 "small" shapes (ViT-B/16, Q-Former, OPT-125m)
+    python scripts/benchmark.py --family git             # CPU: "small" GIT shapes (224 px; about a minute)
+    python scripts/benchmark.py --family blip2           # CPU: "small" BLIP-2 shapes (224 px; about a minute)
     python scripts/benchmark.py --shape base --image-size 384 --json results/bench-gpu.json   # on a GPU
     python scripts/benchmark.py --family blip2 --json results/bench-blip2-gpu.json  # GPU: blip2-opt-2.7b shapes
 
@@ -12,9 +12,10 @@ from a config (random weights: no download). A "caption" is one (image, caption)
 
 Shapes (--shape; default: the family's "CPU default" on the CPU, the "GPU default" on a GPU):
   blip    tiny | base (BLIP-base: ViT-B/16, BERT-base decoder; both defaults) | large (ViT-L/16)
-  git     tiny | base (git-base: CLIP ViT-B/16, 6 text layers of 768; both defaults)
+  git     tiny | small (CLIP ViT 6 layers of 384, 4 text layers of 384: CPU default)
+               | base (git-base: CLIP ViT-B/16, 6 text layers of 768: GPU default)
                | large (git-large: CLIP ViT-L/14, 6 text layers of 1024); 224 px
-  blip2   tiny | small (ViT-B/16, Q-Former, OPT-125m: CPU default)
+  blip2   tiny | small (ViT 6 layers of 384, Q-Former 4 layers of 384, OPT 4 layers of 512: CPU default)
                | opt-2.7b (blip2-opt-2.7b: ViT-g/14, Q-Former, OPT-2.7b: GPU default); 224 px
 BLIP-2 always trains LoRA (its family's default targets; as src.peft, never every weight), in bf16 weights on a GPU.
 For GIT and BLIP-2 only our path is timed: the original template was BLIP's.
@@ -61,12 +62,16 @@ FAMILIES = {"blip": Blip, "git": Git, "blip2": Blip2}
 SHAPES = {
     "blip": {"tiny": "tiny (2 layers of 64)", "base": "BLIP-base (ViT-B/16, BERT-base decoder)",
              "large": "BLIP-large (ViT-L/16, BERT-base decoder)"},
-    "git": {"tiny": "tiny (2 layers of 64)", "base": "git-base (CLIP ViT-B/16, 6 text layers of 768)",
+    "git": {"tiny": "tiny (2 layers of 64)",
+            "small": "small GIT (CLIP ViT, 6 layers of 384, patch 16; 4 text layers of 384)",
+            "base": "git-base (CLIP ViT-B/16, 6 text layers of 768)",
             "large": "git-large (CLIP ViT-L/14, 6 text layers of 1024)"},
-    "blip2": {"tiny": "tiny (2 layers of 64)", "small": "small BLIP-2 (ViT-B/16, Q-Former, OPT-125m)",
+    "blip2": {"tiny": "tiny (2 layers of 64)",
+              "small": "small BLIP-2 (ViT 6 layers of 384, patch 16; Q-Former 4 layers of 384, 32 queries; "
+                       "OPT 4 layers of 512)",
               "opt-2.7b": "blip2-opt-2.7b (ViT-g/14, Q-Former, OPT-2.7b)"},
 }
-DEFAULT_SHAPE = {"blip": ("base", "base"), "git": ("base", "base"), "blip2": ("small", "opt-2.7b")}
+DEFAULT_SHAPE = {"blip": ("base", "base"), "git": ("small", "base"), "blip2": ("small", "opt-2.7b")}
 
 
 def blip_config(shape, image_size):
@@ -86,10 +91,12 @@ def git_config(shape, image_size):
     """GitConfig's defaults are microsoft/git-base's shapes; git-large has CLIP ViT-L/14 and a 1024-wide text side."""
     from transformers import GitConfig
     vision = {"tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, patch_size=16),
+              "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=16),
               "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16),
               "large": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                             patch_size=14)}
     text = {"tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+            "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6),
             "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12),
             "large": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=16)}
     return GitConfig(vision_config=dict(**vision[shape], image_size=image_size), **text[shape], vocab_size=30522,
@@ -98,19 +105,21 @@ def git_config(shape, image_size):
 
 def blip2_config(shape, image_size):
     """ViT, Q-Former (BERT-base with cross-attention every other layer, 32 queries) and OPT, as blip2-opt-2.7b;
-    "small" has a ViT-B/16 and OPT-125m, "tiny" 2 layers of 64 everywhere."""
+    "small" is the same design at 4-6 layers of 384-512 (OPT's 50272-token vocabulary), "tiny" 2 layers of 64."""
     from transformers import Blip2Config
     vision = {"tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, patch_size=16),
-              "small": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
                             patch_size=16),
               "opt-2.7b": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
                                patch_size=14)}[shape]
-    qformer = (dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                    cross_attention_frequency=1) if shape == "tiny" else
-               dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    cross_attention_frequency=2))
+    qformer = {"tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            cross_attention_frequency=1),
+               "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
+                             cross_attention_frequency=2),
+               "opt-2.7b": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                cross_attention_frequency=2)}[shape]
     opt = {"tiny": dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4),
-           "small": dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12),
+           "small": dict(hidden_size=512, ffn_dim=2048, num_hidden_layers=4, num_attention_heads=8),
            "opt-2.7b": dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32)}[shape]
     return Blip2Config(
         vision_config=dict(**vision, image_size=image_size),
