@@ -201,30 +201,37 @@ def make_tiny_git(out_dir, image_size=32, seed=0):
     return out_dir
 
 
+def opt_style_tokenizer(texts, vocab_size=600):
+    """A byte-level BPE tokenizer as OPT's (GPT-2 style) trained on `texts`, with OPT's special tokens at OPT's ids
+    (<s> 0, <pad> 1, </s> 2, <unk> 3) and </s> prepended to every text, as OPT's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GPT2TokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                       special_tokens=[("</s>", 2)])  # OPT prepends </s>
+    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
+                             pad_token="<pad>", add_prefix_space=False)
+
+
 def make_tiny_blip2(out_dir, image_size=32, seed=0):
     """A randomly initialised BLIP-2 captioner (Salesforce/blip2-opt-*'s architecture: ViT, Q-Former, OPT) at toy
     size, saved like a hub checkpoint. Its tokenizer is byte-level BPE as OPT's (GPT-2 style, trained here on the
     demo's texts), with OPT's special tokens at OPT's ids (<s> 0, <pad> 1, </s> 2, <unk> 3): </s> starts a caption,
     and, as in blip2-opt-2.7b's config (eos_token_id 50118), the newline token ends it."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              GPT2TokenizerFast)
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = [t.format(c=c, s=s, b=b) for t in TEMPLATES + PRETRAIN_TEMPLATES for c in COLORS for s in SHAPES
              for b in BACKGROUNDS] + REJECTED + [PRECANNED, "\n"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    bpe.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
-                                                       special_tokens=[("</s>", 2)])  # OPT prepends </s>
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>", add_prefix_space=False)
+    tokenizer = opt_style_tokenizer(texts)
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     num_query_tokens = 4
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
