@@ -157,6 +157,26 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_gradient(method, 
     _assert_same_gradients(reference, checkpointed)
 
 
+def test_a_compiled_run_of_30_steps_compiles_a_few_graphs_not_one_per_caption_length(tiny_blip, demo_data,
+                                                                                      tmp_path, monkeypatch):
+    """Caption lengths and caption counts change from batch to batch: compiled with dynamic shapes, 30 steps
+    capture a handful of graphs (measured: 3), where static shapes would recompile for each new length."""
+    from torch._dynamo.utils import counters
+
+    from src.base import constants
+    monkeypatch.setattr(constants, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = _trainer(FT, demo_data, tiny_blip, tmp_path, "--compile", "--max-steps", "30", "--eval-every", "0",
+                       "--save-every", "0", "--no-eval-at-start", "--val-max-images", "2")
+    lengths = set()
+    original = trainer.train_batch
+    trainer.train_batch = lambda batch: (lengths.add(tuple(batch["input_ids"].shape)), original(batch))[1]
+    assert trainer.run() == 0
+    assert len(lengths) >= 8  # many different batch shapes went through the compiled forward
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
 def test_compiled_training_forward_gives_the_same_gradient(tiny_blip, demo_data, tmp_path, monkeypatch):
     from src.base import constants
     monkeypatch.setattr(constants, "COMPILE_BACKEND", "eager")  # dynamo graph capture; inductor would take minutes
