@@ -99,6 +99,26 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, me
     assert _comparable_metrics(straight[method]) == _comparable_metrics(out)
 
 
+@pytest.mark.parametrize("family, method", [("git", "ft"), ("blip2", "peft")])
+def test_other_families_resume_exactly_after_sigkill(tmp_path, request, family, method, demo_data):
+    """The engine's resume is family-agnostic; checked on a tiny GIT (full fine-tuning) and a tiny BLIP-2 (LoRA)."""
+    checkpoint = request.getfixturevalue(f"tiny_{family}")
+    extra = ["--max-steps", "16", "--eval-every", "8", "--save-every", "2", "--lr", "1e-2"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    run_module(f"src.{method}.train", *_argv(demo_data, checkpoint, straight), *extra)
+    process = subprocess.Popen([sys.executable, "-m", f"src.{method}.train", *_argv(demo_data, checkpoint, out),
+                                *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_state_step(out, random.Random().randint(2, 10), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads((out / "state" / "progress.json").read_text())["step"]
+    assert killed_at < 16
+    result = run_module(f"src.{method}.resume", "--output-dir", out)
+    assert f"at step {killed_at}" in result.stdout
+    assert _same_weights(straight, out)
+    assert _comparable_metrics(straight) == _comparable_metrics(out)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])  # SIGUSR2 and SIGINT share the handler
 def test_signal_saves_state_exits_99_and_resume_continues(tmp_path, sig, straight, tiny_blip, demo_data):
     out = tmp_path / "run"
