@@ -380,8 +380,9 @@ class Trainer:
         self.processes.wait()
         if status is not None:
             return status
-        log.info(f"done: best validation CIDEr {p.best_cider:.4f} at step {p.best_step}; "
-                 f"model in {self.output_dir / 'best_model'}")
+        if self.processes.is_main:  # only rank 0 validates: the others do not know the best score
+            log.info(f"done: best validation CIDEr {p.best_cider:.4f} at step {p.best_step}; "
+                     f"model in {self.output_dir / 'best_model'}")
         return 0
 
     def _finished(self):
