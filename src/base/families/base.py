@@ -106,6 +106,27 @@ class Family:
         encode_images."""
         raise NotImplementedError
 
+    def draw_tokens(self, rows, max_new_tokens, next_logits, greedy=False, temperature=1.0, device=None):
+        """The token-by-token loop that families with their own cached decoding share (GIT, BLIP-2): `rows`
+        sequences start with `prefix`; `next_logits(tokens, first)` feeds `tokens` (the prefix first, then each drawn
+        token) and returns the logits of the last position. Greedy, or sampled from softmax(logits / temperature);
+        rows that have ended are padded."""
+        sequences = torch.tensor([self.prefix], device=device).expand(rows, -1)
+        step, ended = sequences, torch.zeros(rows, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            logits = next_logits(step, i == 0).float()
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
+            token = token.masked_fill(ended, self.pad_id)
+            sequences = torch.cat([sequences, token[:, None]], dim=1)
+            ended |= token == self.end_id
+            if ended.all():
+                break
+            step = token[:, None]
+        return sequences
+
     def legacy_weights(self, model):
         """Weights to save beside the model's own so that older transformers (4.x) load it right: {name: tensor}."""
         return {}

@@ -115,26 +115,21 @@ class Blip2(Family):
         """Token by token with a key/value cache over [queries ; prefix]; rows that have ended are padded."""
         language_model = core_model(model).language_model
         features = image_features.repeat_interleave(samples_per_image, dim=0)
-        sequences = torch.tensor([self.prefix], device=features.device).expand(features.shape[0], -1)
-        embeds, mask = self._inputs(model, features, sequences, torch.ones_like(sequences))
-        cache = DynamicCache()
-        ended = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-        for _ in range(max_new_tokens):
+        cache, mask = DynamicCache(), None
+
+        def next_logits(tokens, first):
+            nonlocal mask
+            if first:  # the query tokens and the prefix
+                embeds, mask = self._inputs(model, features, tokens, torch.ones_like(tokens))
+            else:
+                embeds = language_model.get_input_embeddings()(tokens)
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits = language_model(inputs_embeds=embeds, attention_mask=mask, cache=cache,
                                     use_cache=True).logits[:, -1].float()
             logits[:, self.never_generated] = float("-inf")
-            if greedy:
-                token = logits.argmax(-1)
-            else:
-                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
-            token = token.masked_fill(ended, self.pad_id)
-            sequences = torch.cat([sequences, token[:, None]], dim=1)
-            ended |= token == self.end_id
-            if ended.all():
-                break
-            embeds = language_model.get_input_embeddings()(token[:, None])
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        return sequences
+            return logits
+
+        return self.draw_tokens(features.shape[0], max_new_tokens, next_logits, greedy, temperature, features.device)
 
 
 def eight_bit_options():

@@ -89,21 +89,10 @@ class Git(Family):
         """Token by token with a key/value cache over the once-encoded image (transformers' generate() would encode
         it again per sample); rows that have ended are padded."""
         features = image_features.repeat_interleave(samples_per_image, dim=0)
-        sequences = torch.tensor([self.prefix], device=features.device).expand(features.shape[0], -1)
         cache = DynamicCache()
-        step = sequences
-        ended = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-        for _ in range(max_new_tokens):
-            logits = core_model(model).output(
-                self._hidden_states(model, features, step, torch.ones_like(step), cache)[:, -1]).float()
-            if greedy:
-                token = logits.argmax(-1)
-            else:
-                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
-            token = token.masked_fill(ended, self.pad_id)
-            sequences = torch.cat([sequences, token[:, None]], dim=1)
-            ended |= token == self.end_id
-            if ended.all():
-                break
-            step = token[:, None]
-        return sequences
+
+        def next_logits(tokens, first):
+            return core_model(model).output(
+                self._hidden_states(model, features, tokens, torch.ones_like(tokens), cache)[:, -1])
+
+        return self.draw_tokens(features.shape[0], max_new_tokens, next_logits, greedy, temperature, features.device)
