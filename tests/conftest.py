@@ -197,3 +197,23 @@ def write_annotations(path, images, annotations=None):
         content["annotations"] = annotations
     path.write_text(json.dumps(content))
     return path
+
+
+def random_images(family, count):
+    """Random pixel values at the family's input size."""
+    size = family.config.vision_config.image_size
+    import torch
+    return torch.randn(count, 3, size, size)
+
+
+def family_caption_batch(family, captions_per_image, vocab):
+    """A training batch as the engine builds it: random images, captions of words from `vocab` of different lengths
+    (so, padding), `captions_per_image[i]` captions for image i."""
+    from src.base.data import CaptionCollator
+    samples, n = [], 0
+    for image, count in enumerate(captions_per_image):
+        captions = [" ".join(vocab[(n + k) % len(vocab)] for k in range(2 + (n + k) % 5)) for k in range(count)]
+        n += count
+        samples.append({"pixel_values": random_images(family, 1)[0], "image_id": image,
+                        "captions": family.training_sequences(captions, 40)})
+    return CaptionCollator(family.pad_id, len(family.prefix))(samples)

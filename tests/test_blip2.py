@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_module
+from conftest import FAST, read_metrics, run_module, family_caption_batch, random_images
 from src.base.config import resolve, training_parser
-from src.base.data import CaptionCollator, load_split
+from src.base.data import load_split
 from src.base.engine import Trainer
 from src.base.families import load_family
 from src.base.families.blip2 import QFORMER_LORA_TARGETS
@@ -41,21 +41,8 @@ def words(family, count=12):
     return sorted(t[1:] for t in family.tokenizer.get_vocab() if t[:1] == "Ġ" and t[1:].isalpha() and t[1:].islower())[:count]
 
 
-def images(family, count):
-    size = family.config.vision_config.image_size
-    return torch.randn(count, 3, size, size)
-
-
 def caption_batch(family, captions_per_image):
-    """A training batch as the engine builds it: random images, captions of different lengths (so, padding)."""
-    vocab = words(family)
-    samples, n = [], 0
-    for image, count in enumerate(captions_per_image):
-        captions = [" ".join(vocab[(n + k) % len(vocab)] for k in range(2 + (n + k) % 5)) for k in range(count)]
-        n += count
-        samples.append({"pixel_values": images(family, 1)[0], "image_id": image,
-                        "captions": family.training_sequences(captions, 40)})
-    return CaptionCollator(family.pad_id, len(family.prefix))(samples)
+    return family_caption_batch(family, captions_per_image, words(family))
 
 
 def with_image_tokens(family, input_ids):
@@ -78,7 +65,7 @@ def test_training_sequences_start_and_end_as_generation_does(blip2, tiny_blip2):
     # transformers' own generate() (no input_ids: it starts from its <image> placeholders and bos_token_id, stops at
     # the language model's eos) gives our generate()'s captions, and greedy sample() gives them too (both never
     # choose the <image> placeholder, which the redrawn model otherwise would)
-    pixels = images(family, 2)
+    pixels = random_images(family, 2)
     theirs = model.generate(pixel_values=pixels, max_new_tokens=8, num_beams=1, do_sample=False,
                             suppress_tokens=family.never_generated)
     theirs = theirs[:, family.config.num_query_tokens:]
@@ -123,7 +110,7 @@ def test_loss_equals_transformers_blip2_loss(blip2):
 
 def test_sequence_log_probs_are_the_models(blip2):
     family, model = blip2
-    pixels = images(family, 2)
+    pixels = random_images(family, 2)
     features = family.encode_images(model, pixels)
     torch.manual_seed(1)
     sequences = family.sample(model, features, 3, 6)

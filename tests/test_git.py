@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_module
+from conftest import FAST, read_metrics, run_module, family_caption_batch, random_images
 from src.base.config import resolve, training_parser
-from src.base.data import CaptionCollator, load_split
+from src.base.data import load_split
 from src.base.engine import Trainer
 from src.base.families import load_family
 from src.base.helpers import setup_logging
@@ -41,21 +41,8 @@ def words(family, count=12):
     return [w for w in sorted(family.tokenizer.get_vocab()) if w.isalpha() and w.islower()][:count]
 
 
-def images(family, count):
-    size = family.config.vision_config.image_size
-    return torch.randn(count, 3, size, size)
-
-
 def caption_batch(family, captions_per_image):
-    """A training batch as the engine builds it: random images, captions of different lengths (so, padding)."""
-    vocab = words(family)
-    samples, n = [], 0
-    for image, count in enumerate(captions_per_image):
-        captions = [" ".join(vocab[(n + k) % len(vocab)] for k in range(2 + (n + k) % 5)) for k in range(count)]
-        n += count
-        samples.append({"pixel_values": images(family, 1)[0], "image_id": image,
-                        "captions": family.training_sequences(captions, 40)})
-    return CaptionCollator(family.pad_id, len(family.prefix))(samples)
+    return family_caption_batch(family, captions_per_image, words(family))
 
 
 def test_training_sequences_start_and_end_as_generation_does(git, tiny_git):
@@ -70,7 +57,7 @@ def test_training_sequences_start_and_end_as_generation_does(git, tiny_git):
     boosted = family.load_model(tiny_git).eval()
     with torch.no_grad():
         boosted.output.bias[family.end_id] += 1e4
-    pixels = images(family, 2)
+    pixels = random_images(family, 2)
     for prompted in (family, load_family(tiny_git, prompt=" ".join(words(family, 2)))):
         expected = torch.tensor([prompted.prefix + [prompted.end_id]] * 2)
         assert torch.equal(prompted.generate(boosted, pixels, num_beams=1, max_new_tokens=5), expected)
@@ -100,7 +87,7 @@ def test_loss_equals_transformers_git_loss(git):
 
 def test_sequence_log_probs_are_the_models(git):
     family, model = git
-    pixels = images(family, 2)
+    pixels = random_images(family, 2)
     features = family.encode_images(model, pixels)
     torch.manual_seed(1)
     sequences = family.sample(model, features, 3, 6)
