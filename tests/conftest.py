@@ -217,3 +217,26 @@ def family_caption_batch(family, captions_per_image, vocab):
         samples.append({"pixel_values": random_images(family, 1)[0], "image_id": image,
                         "captions": family.training_sequences(captions, 40)})
     return CaptionCollator(family.pad_id, len(family.prefix))(samples)
+
+
+def assert_test_writes_one_caption_per_image(method, run_dir, data_dir):
+    """`src.<method>.test` on a run: test_captions.json has one non-empty caption per test image, in order."""
+    from src.base.data import load_split
+    run_module(f"src.{method}.test", "--output-dir", run_dir)
+    captions = json.loads((Path(run_dir) / "test_captions.json").read_text())
+    assert [c["image_id"] for c in captions] == [r.image_id for r in load_split(data_dir, "test")]
+    assert all(c["caption"].strip() for c in captions)
+
+
+def short_scst_run(checkpoint, data_dir, out):
+    """Two SCST steps with LoRA (src.peft's method) from `checkpoint`, in this process; returns metrics.jsonl."""
+    from src.base.config import resolve, training_parser
+    from src.base.engine import Trainer
+    from src.base.helpers import setup_logging
+    from src.peft.method import METHOD as PEFT
+    argv = ["--data-dir", data_dir, "--checkpoint", checkpoint, "--output-dir", out, *FAST,
+            "--objective", "scst", "--scst-samples", "3", "--max-steps", "2", "--eval-every", "2",
+            "--no-eval-at-start", "--batch-size", "4", "--lr", "1e-4"]
+    setup_logging(None)
+    assert Trainer(PEFT, resolve(PEFT, training_parser("test").parse_args(list(map(str, argv))))).run() == 0
+    return read_metrics(out)

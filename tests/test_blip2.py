@@ -5,21 +5,16 @@ trains it (LoRA on the language model only, by default).
 Nothing here depends on the tiny BLIP-2's sizes or vocabulary: words come from its tokenizer, sizes and special
 tokens from its configuration, so the same tests hold for any BLIP-2 OPT checkpoint.
 """
-import json
 
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_module, family_caption_batch, random_images
-from src.base.config import resolve, training_parser
-from src.base.data import load_split
-from src.base.engine import Trainer
+from conftest import (FAST, assert_test_writes_one_caption_per_image, family_caption_batch, random_images, read_metrics,
+                      run_module, short_scst_run)
 from src.base.families import load_family
 from src.base.families.blip2 import QFORMER_LORA_TARGETS
-from src.base.helpers import setup_logging
 from src.base.lora import add_lora
 from src.base.modeling import dropout_off, enable_activation_checkpointing, parameter_summary
-from src.peft.method import METHOD as PEFT
 
 
 @pytest.fixture(scope="module")
@@ -201,19 +196,11 @@ def test_lora_learns_and_test_writes_one_caption_per_image(blip2_peft_run, demo_
     # measured: 0.00 at step 0, about 0.5 at step 60
     assert max(m["CIDEr"] for m in metrics) > metrics[0]["CIDEr"] + 0.2, [m["CIDEr"] for m in metrics]
     assert (blip2_peft_run / "best_model" / "adapter_config.json").is_file()
-    run_module("src.peft.test", "--output-dir", blip2_peft_run)
-    captions = json.loads((blip2_peft_run / "test_captions.json").read_text())
-    assert [c["image_id"] for c in captions] == [r.image_id for r in load_split(demo_data, "test")]
-    assert all(c["caption"].strip() for c in captions)
+    assert_test_writes_one_caption_per_image("peft", blip2_peft_run, demo_data)
 
 
 def test_scst_runs_and_logs_its_reward(blip2_peft_run, demo_data, tmp_path):
-    argv = ["--data-dir", demo_data, "--checkpoint", blip2_peft_run / "best_model", "--output-dir", tmp_path, *FAST,
-            "--objective", "scst", "--scst-samples", "3", "--max-steps", "2", "--eval-every", "2",
-            "--no-eval-at-start", "--batch-size", "4", "--lr", "1e-4"]
-    setup_logging(None)
-    assert Trainer(PEFT, resolve(PEFT, training_parser("test").parse_args(list(map(str, argv))))).run() == 0
-    metrics = read_metrics(tmp_path)
+    metrics = short_scst_run(blip2_peft_run / "best_model", demo_data, tmp_path)
     assert [m["step"] for m in metrics] == [2]
     assert metrics[0]["train_reward"] > 0  # the LoRA-trained model's samples name some of the right words
     assert (tmp_path / "best_model" / "adapter_config.json").is_file()

@@ -4,20 +4,15 @@ transformers' own loss, SCST's log-probabilities are the model's, and the real e
 Nothing here depends on the tiny GIT's sizes or vocabulary: words come from its tokenizer, image sizes from
 its configuration, so the same tests hold for any GIT checkpoint.
 """
-import json
 
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_module, family_caption_batch, random_images
-from src.base.config import resolve, training_parser
-from src.base.data import load_split
-from src.base.engine import Trainer
+from conftest import (FAST, assert_test_writes_one_caption_per_image, family_caption_batch, random_images, read_metrics,
+                      run_module, short_scst_run)
 from src.base.families import load_family
-from src.base.helpers import setup_logging
 from src.base.lora import add_lora
 from src.base.modeling import enable_activation_checkpointing, parameter_summary
-from src.peft.method import METHOD as PEFT
 
 HUB_FILES = __import__("conftest").REPO.parent / "shared" / "hub_files"
 
@@ -146,19 +141,11 @@ def test_full_fine_tuning_learns_and_test_writes_one_caption_per_image(git_ft_ru
     assert metrics[0]["step"] == 0 and metrics[-1]["step"] == 180
     # measured: 0.06 at step 0, best about 1.2 within the 180 steps
     assert max(m["CIDEr"] for m in metrics) > metrics[0]["CIDEr"] + 0.6, [m["CIDEr"] for m in metrics]
-    run_module("src.ft.test", "--output-dir", git_ft_run)
-    captions = json.loads((git_ft_run / "test_captions.json").read_text())
-    assert [c["image_id"] for c in captions] == [r.image_id for r in load_split(demo_data, "test")]
-    assert all(c["caption"].strip() for c in captions)
+    assert_test_writes_one_caption_per_image("ft", git_ft_run, demo_data)
 
 
 def test_scst_with_lora_runs_and_logs_its_reward(git_ft_run, demo_data, tmp_path):
-    argv = ["--data-dir", demo_data, "--checkpoint", git_ft_run / "best_model", "--output-dir", tmp_path, *FAST,
-            "--objective", "scst", "--scst-samples", "3", "--max-steps", "2", "--eval-every", "2",
-            "--no-eval-at-start", "--batch-size", "4", "--lr", "1e-4"]
-    setup_logging(None)
-    assert Trainer(PEFT, resolve(PEFT, training_parser("test").parse_args(list(map(str, argv))))).run() == 0
-    metrics = read_metrics(tmp_path)
+    metrics = short_scst_run(git_ft_run / "best_model", demo_data, tmp_path)
     assert [m["step"] for m in metrics] == [2]
     assert metrics[0]["train_reward"] > 0  # the fine-tuned model's samples name some of the right words
     assert (tmp_path / "best_model" / "adapter_config.json").is_file()
