@@ -64,9 +64,9 @@ def straight(tmp_path_factory, tiny_blip, demo_data):
     return runs
 
 
-def _start(method, data, checkpoint_dir, out):
-    return subprocess.Popen([sys.executable, "-m", f"src.{method}.train", *_argv(data, checkpoint_dir, out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(method, data, checkpoint_dir, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", f"src.{method}.train", *_argv(data, checkpoint_dir, out, *extra)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_state_step(out, at_least, process):
@@ -105,9 +105,8 @@ def test_other_families_resume_exactly_after_sigkill(tmp_path, request, family, 
     checkpoint = request.getfixturevalue(f"tiny_{family}")
     extra = ["--max-steps", "16", "--eval-every", "8", "--save-every", "2", "--lr", "1e-2"]
     straight, out = tmp_path / "straight", tmp_path / "run"
-    run_module(f"src.{method}.train", *_argv(demo_data, checkpoint, straight), *extra)
-    process = subprocess.Popen([sys.executable, "-m", f"src.{method}.train", *_argv(demo_data, checkpoint, out),
-                                *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_module(f"src.{method}.train", *_argv(demo_data, checkpoint, straight, *extra))
+    process = _start(method, demo_data, checkpoint, out, *extra)
     _wait_for_state_step(out, random.Random().randint(2, 10), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
