@@ -92,7 +92,9 @@ class SelfCritical:
             log_probs, tokens = family.sequence_log_probs(
                 model, image_features.repeat_interleave(self.samples, dim=0), sequences, self.temperature)
         # a mean over every sampled token, as self-critical.pytorch's RewardCriterion: a per-caption mean would
-        # scale the step by the caption length (about 10x on VizWiz) and make the learning rate depend on it
+        # scale the step by the caption length (about 10x on VizWiz) and make the learning rate depend on it.
+        # The engine weights micro-batches and processes by units() (samples), not by sampled tokens: with
+        # --grad-accum or several GPUs this is the whole batch's per-token mean only when token counts are equal.
         return -(advantage * log_probs).sum() / tokens.sum().clamp(min=1)
 
     def take_stats(self, processes=None):
