@@ -5,6 +5,7 @@ GPUs, gloo on CPUs) and wraps the model in DistributedDataParallel. Plain `pytho
 run of one process and needs no launcher. Every process trains on its share of each batch;
 only the main process (rank 0) scores, writes files and logs to the run's log file.
 """
+import atexit
 from contextlib import nullcontext
 
 import torch
@@ -21,6 +22,10 @@ class Processes:
         self.world = self.accelerator.num_processes
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        if self.world > 1:
+            # Left to the interpreter's teardown, the process group's threads can abort a process that has
+            # finished its work ("terminate called without an active exception", exit -6): end it first.
+            atexit.register(self.accelerator.end_training)
 
     def wrap(self, module):
         """DistributedDataParallel around `module` when there are several processes (gradients are averaged)."""
