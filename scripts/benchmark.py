@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.cache_images import build_cache  # noqa: E402
 from src.base.data import CaptionCollator, ImageRecord, ImageTransform, default_num_workers, load_image  # noqa: E402
 from src.base.engine import LossModule, caption_records, training_step  # noqa: E402
+from src.base.precision import MasterWeights  # noqa: E402
 from src.base.families import Blip, Blip2, Git  # noqa: E402
 from src.base.families.blip import use_fused_vision_attention  # noqa: E402
 from src.base.objectives import CrossEntropy  # noqa: E402
@@ -234,10 +235,11 @@ def bench_train_ours(args, device, precision, compile_model=False):
     rng = random.Random(0)
     model, family, _ = build_model(args, device, args.lora, fused=True)
     objective = CrossEntropy(family)
+    master = MasterWeights(model) if precision == "bf16-weights" else None  # as the Trainer does, before compile
     loss_model = LossModule(model)  # what the Trainer steps
     if compile_model:  # as the Trainer's --compile does
         loss_model.compile(dynamic=True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = master.parameters() if master else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     batches = [our_batch(rng, args.batch_images, args.captions_per_image, args.image_size, family) for _ in range(3)]
@@ -245,7 +247,7 @@ def bench_train_ours(args, device, precision, compile_model=False):
 
     def step():
         training_step(loss_model, batches[next(counter) % 3], optimizer, scheduler, None, precision, device, 1.0,
-                      objective)
+                      objective, master=master)
 
     reset_memory(device)
     warmup = max(args.warmup, 6) if compile_model else args.warmup  # compile (and recompile per caption length) first
@@ -254,7 +256,7 @@ def bench_train_ours(args, device, precision, compile_model=False):
     result = {"captions_per_s": captions / seconds, "step_s": seconds, "peak_memory_gb": peak_memory_gb(device)}
     if device.type == "cuda" and not compile_model:
         result.update(model_flops_utilisation(loss_model, batches[0], optimizer, scheduler, precision, device, seconds,
-                                              objective))
+                                              objective, master))
     return result
 
 
@@ -280,10 +282,12 @@ def bench_train_original(args, device):
     return result
 
 
-def model_flops_utilisation(model, batch, optimizer, scheduler, precision, device, step_seconds, objective):
+def model_flops_utilisation(model, batch, optimizer, scheduler, precision, device, step_seconds, objective,
+                            master=None):
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
-        training_step(model, batch, optimizer, scheduler, None, precision, device, 1.0, objective)
+        training_step(model, batch, optimizer, scheduler, None, precision, device, 1.0, objective, master=master)
+    precision = "bf16" if precision == "bf16-weights" else precision  # the same tensor-core peak
     flops = counter.get_total_flops()
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -375,6 +379,9 @@ def main():
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=20, help="caption length in tokens (fixed, both paths)")
     parser.add_argument("--compile", action="store_true", help="also time our training path under torch.compile")
+    parser.add_argument("--bf16-weights", action="store_true",
+                        help="also time our training path with --precision bf16-weights (bf16 weights, fp32 master "
+                             "copies in the optimizer)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: loading,train,caption,original")
     parser.add_argument("--sample-dir", default=str(SAMPLE_DIR), help="real JPEGs to decode (default: the VizWiz sample)")
     parser.add_argument("--json", help="write the results here")
@@ -409,6 +416,8 @@ def main():
             report["train"]["original"] = bench_train_original(args, device)
         if args.compile:
             report["train"]["ours_compiled"] = bench_train_ours(args, device, precision, compile_model=True)
+        if args.bf16_weights:
+            report["train"]["ours_bf16_weights"] = bench_train_ours(args, device, "bf16-weights")
     if "caption" not in skip:
         report["caption"] = {"ours": bench_captioning(args, device, precision, ours=True)}
         if "original" not in skip:
@@ -443,6 +452,11 @@ def print_table(report):
         rows.append(("training, captions/s", o, u, extra))
         if "ours_compiled" in t:
             rows.append(("training, captions/s, torch.compile", o, t["ours_compiled"]["captions_per_s"], ""))
+        if "ours_bf16_weights" in t:
+            w = t["ours_bf16_weights"]
+            rows.append(("training, captions/s, --precision bf16-weights", o, w["captions_per_s"],
+                         f"peak memory {w['peak_memory_gb']:.1f} GB" + (f"; MFU {100 * w['mfu']:.1f}%"
+                                                                       if w.get("mfu") is not None else "")))
         print(f"estimated full VizWiz training epoch ({VIZWIZ_TRAIN_CAPTIONS:,} captions): "
               f"{VIZWIZ_TRAIN_CAPTIONS / u / 60:.1f} min ours"
               + (f", {VIZWIZ_TRAIN_CAPTIONS / o / 60:.1f} min original" if o else ""))

@@ -50,6 +50,29 @@ def demo_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("assets") / "vizwiz", train=240, val=40, test=25, seed=1)
 
 
+# cross-entropy training of a tiny BLIP on a set from scripts/synthetic_sets.py (other_set_ce_run)
+OTHER_SET_CE = [*FAST, "--eval-batch-size", "64", "--lr", "1e-3", "--eval-every", "50", "--max-steps", "300"]
+
+
+@pytest.fixture(scope="session")
+def other_set_ce_run(tmp_path_factory):
+    """kind -> (data dir, tiny BLIP, cross-entropy run dir) for a synthetic set made by another generator than the
+    demo's (scripts/synthetic_sets.py "objects" or "layout"), with its own tiny BLIP; each made once per session."""
+    from scripts.synthetic_sets import make_set, texts
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            root = tmp_path_factory.mktemp(kind)
+            data = make_set(kind, root / "data", train=240, val=200, test=2, seed=7)
+            model = make_tiny_blip(root / "tiny", texts=texts(kind), seed=3)
+            run_module("src.ft.train", "--data-dir", data, "--checkpoint", model, "--output-dir", root / "ce",
+                       *OTHER_SET_CE)
+            made[kind] = data, model, root / "ce"
+        return made[kind]
+    return get
+
+
 @pytest.fixture(scope="session")
 def ft_run(tmp_path_factory, tiny_blip, demo_data):
     """Full fine-tuning of the tiny BLIP on the demo set, 300 steps (validation CIDEr-D about 2.0-2.6)."""

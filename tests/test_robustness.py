@@ -21,7 +21,8 @@ import src.base.objectives as objectives
 from conftest import FAST, REPO, SAMPLE, read_metrics, run_module
 from scripts.make_demo_assets import make_dataset
 from src.base.config import resolve, training_parser
-from src.base.engine import EXIT_NONFINITE, EXIT_STOPPED, Trainer, tf32_allowed
+from src.base.engine import EXIT_NONFINITE, EXIT_STOPPED, Trainer
+from src.base.precision import tf32_allowed
 from src.base.helpers import setup_logging
 from src.base.main import resume_main, train_main
 from src.ft.method import METHOD as FT
@@ -99,11 +100,14 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, me
     assert _comparable_metrics(straight[method]) == _comparable_metrics(out)
 
 
-@pytest.mark.parametrize("family, method", [("git", "ft"), ("blip2", "peft")])
-def test_other_families_resume_exactly_after_sigkill(tmp_path, request, family, method, demo_data):
-    """The engine's resume is family-agnostic; checked on a tiny GIT (full fine-tuning) and a tiny BLIP-2 (LoRA)."""
+@pytest.mark.parametrize("family, method, precision", [("git", "ft", "fp32"), ("blip2", "peft", "fp32"),
+                                                       ("blip", "ft", "bf16-weights")])
+def test_other_families_and_precisions_resume_exactly_after_sigkill(tmp_path, request, family, method, precision,
+                                                                     demo_data):
+    """The engine's resume is family-agnostic; checked on a tiny GIT (full fine-tuning) and a tiny BLIP-2 (LoRA).
+    bf16-weights resumes from the fp32 master copies it saved (from their bf16 rounding, it would drift)."""
     checkpoint = request.getfixturevalue(f"tiny_{family}")
-    extra = ["--max-steps", "16", "--eval-every", "8", "--save-every", "2", "--lr", "1e-2"]
+    extra = ["--max-steps", "16", "--eval-every", "8", "--save-every", "2", "--lr", "1e-2", "--precision", precision]
     straight, out = tmp_path / "straight", tmp_path / "run"
     run_module(f"src.{method}.train", *_argv(demo_data, checkpoint, straight, *extra))
     process = _start(method, demo_data, checkpoint, out, *extra)

@@ -4,8 +4,6 @@ import json
 import pytest
 from conftest import FAST, read_metrics, run_module
 
-from scripts.make_demo_assets import make_tiny_blip
-from scripts.synthetic_sets import make_set, texts
 from src.base.config import resolve, training_parser
 from src.base.engine import EXIT_STOPPED, Trainer
 from src.base.helpers import setup_logging
@@ -53,19 +51,15 @@ OTHER_SETS_SCST = ["--objective", "scst", "--lr", "5e-5", "--batch-size", "16", 
 
 
 @pytest.mark.parametrize("kind", ["objects", "layout"])
-def test_scst_raises_validation_cider_on_data_sets_made_by_other_generators(kind, tmp_path_factory):
+def test_scst_raises_validation_cider_on_data_sets_made_by_other_generators(kind, other_set_ce_run, tmp_path):
     """SCST's gain could depend on the data: two sets from other generators (other objects, colours, wordings,
     image sizes and seeds; scripts/synthetic_sets.py), each with its own tiny BLIP trained by cross-entropy
     (label smoothing 0.1, as by default), then SCST with the default temperature and a constant rate. Measured
     (README "SCST"): objects 2.060 -> 2.161 best, layout 2.036 -> 2.239 best."""
-    root = tmp_path_factory.mktemp(kind)
-    data = make_set(kind, root / "data", train=240, val=200, test=2, seed=7)
-    model = make_tiny_blip(root / "tiny", texts=texts(kind), seed=3)
-    run_module("src.ft.train", "--data-dir", data, "--checkpoint", model, "--output-dir", root / "ce", *FAST,
-               "--eval-batch-size", "64", "--lr", "1e-3", "--eval-every", "50", "--max-steps", "300")
-    start = max(m["CIDEr"] for m in read_metrics(root / "ce"))
-    run_module("src.ft.train", "--data-dir", data, "--checkpoint", root / "ce" / "best_model", "--output-dir",
-               root / "scst", *FAST, "--eval-batch-size", "64", *OTHER_SETS_SCST)
-    metrics = read_metrics(root / "scst")
+    data, _, ce = other_set_ce_run(kind)
+    start = max(m["CIDEr"] for m in read_metrics(ce))
+    run_module("src.ft.train", "--data-dir", data, "--checkpoint", ce / "best_model", "--output-dir",
+               tmp_path / "scst", *FAST, "--eval-batch-size", "64", *OTHER_SETS_SCST)
+    metrics = read_metrics(tmp_path / "scst")
     assert metrics[0]["step"] == 0 and metrics[0]["CIDEr"] == pytest.approx(start, abs=1e-9)
     assert max(m["CIDEr"] for m in metrics[1:]) > start + 0.05, (start, [m["CIDEr"] for m in metrics])

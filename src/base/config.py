@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import constants as C
 from .helpers import UserError, write_json_atomic
+from .precision import PRECISIONS
 
 CONFIG_FILE = "config.json"
 
@@ -154,8 +155,8 @@ def _check(config):
         raise UserError("--scst-baseline mean needs --scst-samples 2 or more (the mean of an image's other samples)")
     if config.objective == "scst" and config.compile:
         raise UserError("--compile applies to cross-entropy training only (SCST samples captions each step)")
-    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {config.precision!r}")
+    if config.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -199,7 +200,8 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
                    help="recompute activations during backward: much less memory, ~30%% more compute")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training forward (first steps slower while it compiles)")
-    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, else fp32)")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | bf16-weights | fp16 (auto: bf16 on GPUs that have it, "
+                                       "else fp32; bf16-weights: bf16 weights, fp32 master copies in the optimizer)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction,
                    help="TF32 matmuls and convolutions under --precision fp32 too (faster on A100/H100, 10-bit "
                         "mantissa); bf16 and fp16 runs use them anyway")

@@ -32,6 +32,7 @@ from .families import load_family
 from .helpers import UserError, log, process_seed, rng_state, seed_everything
 from .modeling import enable_activation_checkpointing, parameter_summary, to_device
 from .objectives import make_objective
+from .precision import MasterWeights, autocast, full_precision, resolve_precision, set_tf32
 
 METRICS_FILE = "metrics.jsonl"
 EXIT_STOPPED = 99     # stopped by a signal or --time-limit, state saved; SGE requeues a job that exits with 99
@@ -59,33 +60,6 @@ def peak_memory_gb(device):
 
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def resolve_precision(precision, device):
-    """auto = bf16 on GPUs that support it (fp16 on older ones), fp32 on the CPU."""
-    if device.type != "cuda":
-        return "fp32"
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return precision
-
-
-def tf32_allowed(precision, tf32):
-    """Whether fp32 matmuls and convolutions may use TF32 (a 10-bit mantissa; much faster on A100/H100): under
-    bf16/fp16 autocast, which rounds more than that anyway, or when asked (--tf32). --precision fp32 means fp32."""
-    return tf32 or precision in ("bf16", "fp16")
-
-
-def set_tf32(precision, tf32, device):
-    """Allow TF32 on a GPU or not, as tf32_allowed decides (the CPU has none)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32_allowed(precision, tf32)
-
-
-def autocast(precision, device):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def num_workers(config):
@@ -183,9 +157,9 @@ def _load_records(config, split):
     return records
 
 
-def _optimizer(model, config):
-    """AdamW; no weight decay on biases and normalisation weights (1-D tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(params, config):
+    """AdamW over `params` (the trainable weights, or their fp32 master copies); no weight decay on biases and
+    normalisation weights (1-D tensors)."""
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in params)
@@ -229,7 +203,7 @@ def micro_batches(batch, parts):
 
 
 def training_step(model, batch, optimizer, scheduler, scaler, precision, device, max_grad_norm,
-                  objective, grad_accum=1, processes=None):
+                  objective, grad_accum=1, processes=None, master=None):
     """Forward and backward in `grad_accum` micro-batches, clip, update. Returns (loss, updated).
 
     `model` is a LossModule (DDP-wrapped when there are several processes). Each micro-batch's mean
@@ -239,6 +213,8 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
     is not finite, and the (finite) loss if the fp16 loss scaler skipped the step because its scaled
     gradients overflowed (it then halves its scale); an overflow at a scale of 1 or less is a
     non-finite gradient, not the scaler's search for a scale that fits fp16.
+    With `master` (MasterWeights, --precision bf16-weights) the optimizer steps the fp32 copies: the gradients
+    move there before clipping, and the updated weights come back to the model after the step.
     """
     world = processes.world if processes else 1
     model.train()
@@ -259,7 +235,9 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
         loss_value = processes.sum([loss_value])[0] / world
     if scaler is not None:
         scaler.unscale_(optimizer)
-    trainable = [q for q in model.parameters() if q.requires_grad]
+    if master is not None:
+        master.gradients_to_master()
+    trainable = [q for group in optimizer.param_groups for q in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
     if not math.isfinite(loss_value) or (scaler is None and not torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -275,6 +253,8 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
             return (loss_value if scale > 1 else float("nan")), False
     else:
         optimizer.step()
+    if master is not None:
+        master.master_to_model()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, True
@@ -303,6 +283,8 @@ class Trainer:
         self.model = to_device(method.build(config, self.family), self.device)
         if config.grad_checkpointing:
             enable_activation_checkpointing(self.model)
+        # bf16-weights: the model's weights become bf16, the optimizer steps fp32 copies (before compile and DDP)
+        self.master = MasterWeights(self.model) if self.precision == "bf16-weights" else None
         self.objective = make_objective(config, self.train_records, self.family)
         loss_model = LossModule(self.model)
         if config.compile:  # the training loss only (caption lengths vary: dynamic shapes); generation runs eagerly
@@ -321,7 +303,8 @@ class Trainer:
         self.total_steps = config.max_steps if config.max_steps > 0 else config.epochs * self.steps_per_epoch
 
         # optimisation
-        self.optimizer = _optimizer(self.model, config)
+        self.optimizer = _optimizer(self.master.parameters() if self.master else
+                                    [q for q in self.model.parameters() if q.requires_grad], config)
         self.scheduler = get_scheduler(config.lr_schedule, self.optimizer,
                                        num_warmup_steps=int(config.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
@@ -344,8 +327,9 @@ class Trainer:
             self.config.save()
         self.processes.wait()
         if has_training_state(self.output_dir):
-            self.progress = p = load_training_state(self.output_dir, self.model, self.optimizer, self.scheduler,
-                                                    self.scaler, self.processes.rank)
+            with full_precision(self.master):  # bf16-weights: the saved fp32 weights fill the master copies
+                self.progress = p = load_training_state(self.output_dir, self.model, self.optimizer, self.scheduler,
+                                                        self.scaler, self.processes.rank)
             if self.processes.is_main:
                 _truncate_metrics(self.output_dir, p.step)
             log.info(f"resumed from {self.output_dir / 'state'} at step {p.step} (epoch {p.epoch}, "
@@ -427,7 +411,7 @@ class Trainer:
         """One optimizer update on a loader batch, no bookkeeping. Returns (loss, updated)."""
         return training_step(self.loss_model, batch, self.optimizer, self.scheduler, self.scaler, self.precision,
                              self.device, self.config.max_grad_norm, self.objective, self.config.grad_accum,
-                             self.processes)
+                             self.processes, self.master)
 
     def caption(self, records, desc="captioning"):
         """({image_id: caption}, [bad image messages]) for `records`, with the model as it is now."""
@@ -531,7 +515,8 @@ class Trainer:
 
     def _save_best(self, predictions, per_image):
         try:
-            save_best_model(self.output_dir, self.model, self.family)
+            with full_precision(self.master):  # bf16-weights: written from the fp32 copies, an fp32 model
+                save_best_model(self.output_dir, self.model, self.family)
         except OSError as error:
             log.error(f"could not save {self.output_dir / 'best_model'} ({error}); the previous best model is kept "
                       f"and the next validation tries again")
@@ -548,7 +533,7 @@ class Trainer:
         if not self.processes.is_main:
             return
         try:
-            with self.budget.measure("save"):  # --time-limit keeps time for one more
+            with self.budget.measure("save"), full_precision(self.master):  # --time-limit keeps time for one more
                 save_training_state(self.output_dir, self.model, self.optimizer, self.scheduler, self.scaler,
                                     self.progress, self.config, rng_states)
         except OSError as error:

@@ -10,7 +10,8 @@ from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
 from .distributed import Processes, main_process
-from .engine import Trainer, caption_in_shares, resolve_precision, set_tf32
+from .engine import Trainer, caption_in_shares
+from .precision import resolve_precision, set_tf32
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
 from .families import load_family
