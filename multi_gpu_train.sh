@@ -10,6 +10,9 @@
 # Preemption: SGE's -notify signals (SIGUSR1/SIGUSR2) and SIGTERM are passed to the training processes, which
 # finish their step together, save the state once (rank 0 writes, as for everything) and stop; this job then exits
 # with status 99 so that SGE requeues it, and the requeued job resumes the run by itself.
+# Run-time limit: as ft_train.sh, the job's own h_rt (else the TIME_LIMIT line; keep it equal to h_rt) goes to
+# --time-limit; a run that stops for it exits 99 too (torchrun itself would exit 1: the run leaves a note in
+# STOPPED_FILE that this script reads).
 # Resource names (-l gpu=N, -pe smp) differ between clusters: check `qconf -sc`.
 #$ -N blip_multi
 #$ -cwd
@@ -19,6 +22,7 @@
 #$ -pe smp 32
 #$ -l h_rt=24:00:00
 #$ -notify
+TIME_LIMIT=24:00:00
 set -uo pipefail
 method="${1:-}"
 if [ "$method" != ft ] && [ "$method" != peft ]; then
@@ -41,8 +45,12 @@ if [ "${gpus:-0}" -lt 1 ]; then
 fi
 echo "starting $gpus training processes"
 
+limit=$(job_time_limit "$TIME_LIMIT")  # empty outside SGE: no limit
+STOPPED_FILE=$(mktemp "${TMPDIR:-/tmp}/stopped.XXXXXX") && rm -f "$STOPPED_FILE" || exit 2
+export STOPPED_FILE  # rank 0 creates it if the run stops to be resumed (a signal or the time limit)
 # not exec: this shell stays to pass SGE's signals to the training processes (torchrun would die of SIGUSR1)
-python -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m "src.$method.train" "$@" &
+python -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m "src.$method.train" \
+    ${limit:+--time-limit "$limit"} "$@" &
 launcher=$!
 signalled=""
 forward() { signalled="$1"; pkill "-$1" -P "$launcher"; }
@@ -56,8 +64,9 @@ while true; do
     status=$?
     kill -0 "$launcher" 2>/dev/null || break
 done
-if [ -n "$signalled" ]; then
-    echo "stopped by SIG$signalled after saving the state: exit 99 (SGE requeues the job; it resumes by itself)"
+if [ -n "$signalled" ] || [ -f "$STOPPED_FILE" ]; then
+    rm -f "$STOPPED_FILE"
+    echo "stopped${signalled:+ by SIG$signalled} after saving the state: exit 99 (SGE requeues the job; it resumes by itself)"
     exit 99
 fi
 exit "$status"

@@ -91,12 +91,15 @@ def straight(tmp_path_factory, tiny_blip, demo_data):
 # on the fake clock a step "takes" 2 s and the margin is 60 s: 20 s more stops before steps, 21 s before validations
 @pytest.mark.parametrize("seconds_over_the_margin, stops_before", [(20, "step"), (21, "validation")])
 def test_a_job_stops_for_its_time_limit_and_resubmitted_finishes_like_an_uninterrupted_run(
-        seconds_over_the_margin, stops_before, tmp_path, fake_clock, straight, tiny_blip, demo_data):
-    out = tmp_path / "limited"
+        seconds_over_the_margin, stops_before, tmp_path, monkeypatch, fake_clock, straight, tiny_blip, demo_data):
+    out, marker = tmp_path / "limited", tmp_path / "stopped"
+    monkeypatch.setenv("STOPPED_FILE", str(marker))  # as multi_gpu_train.sh sets it
     limit = ["--time-limit", str(int(C.TIME_LIMIT_MIN_MARGIN) + seconds_over_the_margin)]
     statuses, stops = [], []
     while not statuses or statuses[-1] == EXIT_STOPPED:  # as SGE requeues a job that exits with 99
         statuses.append(train_main(FT, _command(demo_data, tiny_blip, out, *limit)))
+        assert marker.exists() == (statuses[-1] == EXIT_STOPPED)  # what reaches multi_gpu_train.sh through torchrun
+        marker.unlink(missing_ok=True)
         if statuses[-1] == EXIT_STOPPED:
             stops.append(json.loads((out / "state" / "progress.json").read_text())["step"])
         assert len(statuses) <= 6, statuses
@@ -111,20 +114,29 @@ def test_a_job_stops_for_its_time_limit_and_resubmitted_finishes_like_an_uninter
 
 # ---------------------------------------------------------------- SGE wrappers
 
-def _wrapper_argv(tmp_path, wrapper, job_id=None, qstat_output=None):
-    """The arguments the wrapper hands to python, with python (and qstat, if given) replaced by stand-ins."""
+def _wrapper(tmp_path, wrapper, job_id=None, qstat_output=None, args=("--epochs", "1"), env=None,
+             python='printf "%s\\n" "$@"'):
+    """Run the wrapper with python (and qstat, if given) replaced by stand-ins; by default python prints its
+    arguments, one per line."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "python").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "python").write_text(f'#!/bin/bash\n{python}\n')
     if qstat_output is not None:
         (bin_dir / "qstat").write_text(f"#!/bin/bash\n[ \"$1 $2\" = \"-j 4242\" ] && cat <<'END'\n{qstat_output}\nEND\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     (tmp_path / "bin" / "activate").write_text(f'export PATH="{bin_dir}:/usr/bin:/bin"\n')
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VENV_DIR": str(tmp_path), **({"JOB_ID": job_id} if job_id else {})}
-    result = subprocess.run(["bash", wrapper, "--epochs", "1"], cwd=REPO, env=env, capture_output=True, text=True)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "VENV_DIR": str(tmp_path), "TMPDIR": str(tmp_path),
+           **({"JOB_ID": job_id} if job_id else {}), **(env or {})}
+    return subprocess.run(["bash", wrapper, *args], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def _wrapper_argv(tmp_path, wrapper, job_id=None, qstat_output=None, args=("--epochs", "1"), env=None):
+    """The arguments the wrapper hands to python."""
+    result = _wrapper(tmp_path, wrapper, job_id, qstat_output, args, env)
     assert result.returncode == 0, result.stderr
-    return result.stdout.split("\n")[1:-1]  # after the job_env line
+    return [line for line in result.stdout.split("\n")[1:-1]  # after the job_env line
+            if not line.startswith("starting ")]  # multi_gpu_train.sh's "starting N training processes"
 
 
 QSTAT = """job_number:                 4242
@@ -142,3 +154,20 @@ def test_wrappers_pass_the_jobs_own_run_time_limit(wrapper, module, tmp_path):
     assert _wrapper_argv(tmp_path, wrapper, "4242", QSTAT) == [*run, "--time-limit", "3600", "--epochs", "1"]
     assert _wrapper_argv(tmp_path, wrapper, "4242", "") == [*run, "--time-limit", h_rt, "--epochs", "1"]
     assert _wrapper_argv(tmp_path, wrapper) == [*run, "--epochs", "1"]  # not under SGE: no limit
+
+
+def test_the_multi_gpu_wrapper_passes_the_time_limit_and_exits_99_when_the_run_stopped(tmp_path):
+    text = (REPO / "multi_gpu_train.sh").read_text()
+    h_rt = re.search(r"^#\$ -l h_rt=(\S+)$", text, re.M).group(1)
+    assert re.search(r"^TIME_LIMIT=(\S+)$", text, re.M).group(1) == h_rt
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "src.ft.train"]
+    ft, two = ("ft", "--epochs", "1"), {"NGPUS": "2"}
+    assert _wrapper_argv(tmp_path, "multi_gpu_train.sh", "4242", QSTAT, ft, two) == [
+        *torchrun, "--time-limit", "3600", "--epochs", "1"]
+    assert _wrapper_argv(tmp_path, "multi_gpu_train.sh", None, None, ft, two) == [*torchrun, "--epochs", "1"]
+    # torchrun exits 1 whenever a process exits non-zero, 99 included: the run's note tells the two apart
+    stopped = _wrapper(tmp_path, "multi_gpu_train.sh", "4242", QSTAT, ft, two, python='touch "$STOPPED_FILE"; exit 1')
+    assert stopped.returncode == 99 and "exit 99" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert not list(tmp_path.glob("stopped.*"))  # the note is removed: the requeued job starts without one
+    failed = _wrapper(tmp_path, "multi_gpu_train.sh", "4242", QSTAT, ft, two, python="exit 1")
+    assert failed.returncode == 1

@@ -10,7 +10,7 @@ from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
 from .distributed import Processes, main_process
-from .engine import Trainer, caption_in_shares
+from .engine import EXIT_STOPPED, Trainer, caption_in_shares
 from .precision import resolve_precision, set_tf32
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
@@ -67,7 +67,7 @@ def train_main(method, argv=None):
             raise UserError("--find-batch-size: search on one GPU (plain python -m ...), then launch the processes "
                             "with the --batch-size it finds")
         config.batch_size = find_batch_size(method, config, start=args.find_batch_size)
-    return Trainer(method, config, fresh=args.fresh, time_limit=time_limit).run()
+    return _note_stop(Trainer(method, config, fresh=args.fresh, time_limit=time_limit).run())
 
 
 @exit_on_user_error
@@ -81,7 +81,17 @@ def resume_main(method, argv=None):
         raise UserError(f"{output_dir}: no training state to resume (no {run_config.CONFIG_FILE} and {STATE_DIR}/); "
                         f"start a run with python -m src.{method.name}.train --output-dir {output_dir}")
     config = _start(method, args, saved, "train.log")
-    return Trainer(method, config, time_limit=time_limit).run()
+    return _note_stop(Trainer(method, config, time_limit=time_limit).run())
+
+
+def _note_stop(status):
+    """Under torchrun a process's exit status does not reach the job (torchrun exits 1 for any failure): a run that
+    stopped to be resumed (EXIT_STOPPED: a signal or --time-limit) also says so in the file named by STOPPED_FILE,
+    which multi_gpu_train.sh sets, so that the job exits with 99 and SGE requeues it."""
+    marker = os.environ.get("STOPPED_FILE")
+    if status == EXIT_STOPPED and marker and main_process():
+        Path(marker).touch()
+    return status
 
 
 @exit_on_user_error
