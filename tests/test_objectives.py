@@ -157,10 +157,11 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_gradient(method, 
     _assert_same_gradients(reference, checkpointed)
 
 
-def test_a_compiled_run_of_30_steps_compiles_a_few_graphs_not_one_per_caption_length(tiny_blip, demo_data,
-                                                                                      tmp_path, monkeypatch):
-    """Caption lengths and caption counts change from batch to batch: compiled with dynamic shapes, 30 steps
-    capture a handful of graphs (measured: 3), where static shapes would recompile for each new length."""
+def test_a_compiled_run_of_30_steps_compiles_one_graph_not_one_per_caption_length(tiny_blip, demo_data,
+                                                                                    tmp_path, monkeypatch):
+    """Caption lengths, caption counts and images per batch (the epoch's last is smaller) change from batch to
+    batch: compiled with dynamic shapes, 30 steps capture one graph. (Static shapes recompiled for each new
+    length; a repeat_interleave whose output size depended on the counts split it into 3 graphs.)"""
     from torch._dynamo.utils import counters
 
     from src.base import constants
@@ -174,7 +175,8 @@ def test_a_compiled_run_of_30_steps_compiles_a_few_graphs_not_one_per_caption_le
     trainer.train_batch = lambda batch: (lengths.add(tuple(batch["input_ids"].shape)), original(batch))[1]
     assert trainer.run() == 0
     assert len(lengths) >= 8  # many different batch shapes went through the compiled forward
-    assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    assert len({shape[0] for shape in lengths}) >= 2  # caption counts changed too, not only lengths
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_compiled_training_forward_gives_the_same_gradient(tiny_blip, demo_data, tmp_path, monkeypatch):

@@ -137,7 +137,9 @@ class Family:
         """Mean cross-entropy over the batch's scored caption tokens (labels -100 elsewhere), encoding each image
         once: its features are repeated for its captions, which gives the same gradient as encoding it per caption."""
         features = self.encode_images(model, batch["pixel_values"])
-        features = features.repeat_interleave(batch["captions_per_image"].to(features.device), dim=0)
+        # output_size: the row count is known without reading the counts, so torch.compile traces one graph
+        features = features.repeat_interleave(batch["captions_per_image"].to(features.device), dim=0,
+                                              output_size=batch["input_ids"].shape[0])
         logits = self.token_logits(model, features, batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100, label_smoothing=label_smoothing)
