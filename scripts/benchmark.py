@@ -5,6 +5,8 @@ template's loop (BLIP only).
     python scripts/benchmark.py --family git             # CPU: "small" GIT shapes (224 px; about a minute)
     python scripts/benchmark.py --family blip2           # CPU: "small" BLIP-2 shapes (224 px; about a minute)
     python scripts/benchmark.py --shape base --image-size 384 --json results/bench-gpu.json   # on a GPU
+    python scripts/benchmark.py --skip loading,train,caption --compare-attention   # BLIP's text decoder alone:
+                                                         # transformers' attention vs our fused attention
     python scripts/benchmark.py --family blip2 --json results/bench-blip2-gpu.json  # GPU: blip2-opt-2.7b shapes
 
 Every path runs in this one process, on the same synthetic images and captions, with a model built
@@ -25,7 +27,12 @@ For GIT and BLIP-2 only our path is timed: the original template was BLIP's.
             image at a time, after decoding the full-resolution JPEG.
   ours      each batch padded to its longest caption, padding masked, every caption of each image
             in the batch with the image encoded once, bf16 autocast and fused AdamW on GPUs, fused
-            vision attention; batched generate() after a reduced-size JPEG decode.
+            attention (BLIP's vision encoder and text decoder, src/base/families/blip.py
+            use_fused_attention); batched generate() after a reduced-size JPEG decode.
+
+--compare-attention (BLIP) times the text decoder alone, forward + backward on a training batch of captions
+cross-attending to random image features, with transformers' attention and with our fused attention: the same
+weights and inputs, the two alternating step by step; the median step of each is reported.
 
 Also measured: JPEG loading per core on the real VizWiz sample photos (../shared/vizwiz_sample),
 peak memory, and on a GPU the model FLOPs utilisation (FLOPs counted by torch's FlopCounterMode).
@@ -49,7 +56,7 @@ from src.base.data import CaptionCollator, ImageRecord, ImageTransform, default_
 from src.base.engine import LossModule, caption_records, training_step  # noqa: E402
 from src.base.precision import MasterWeights  # noqa: E402
 from src.base.families import Blip, Blip2, Git  # noqa: E402
-from src.base.families.blip import use_fused_vision_attention  # noqa: E402
+from src.base.families.blip import use_fused_attention  # noqa: E402
 from src.base.objectives import CrossEntropy  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "vizwiz_sample" / "val"
@@ -171,7 +178,7 @@ def build_model(args, device, lora, fused):
     if args.family == "blip2" and device.type == "cuda":  # as Blip2.load_model: half-precision weights on a GPU
         model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     if fused and args.family == "blip":
-        use_fused_vision_attention(model)
+        use_fused_attention(model)
     if lora or not family_class.full_fine_tuning:
         from src.base.lora import add_lora
         model = add_lora(model, 8, 32, 0.1, list(family_class.lora_targets))
@@ -282,6 +289,59 @@ def bench_train_original(args, device):
     return result
 
 
+def bench_attention(args, device, precision):
+    """The text decoder (BLIP) alone, forward + backward in training mode, with transformers' attention and with
+    our fused attention: one model and a deep copy of it (same weights), the same captions and image features, the
+    two alternating step by step so that both see the same machine load; median seconds per step of each."""
+    import copy
+    import statistics
+    model, family, _ = build_model(args, device, lora=False, fused=False)
+    plain = model.text_decoder.train()
+    fused = use_fused_attention(copy.deepcopy(plain))
+    del model
+    rng = random.Random(0)
+    batch = our_batch(rng, args.batch_images, args.captions_per_image, args.image_size, family)
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    vision = family.config.vision_config
+    image_tokens = (args.image_size // vision.patch_size) ** 2 + 1
+    torch.manual_seed(0)
+    features = torch.randn(input_ids.shape[0], image_tokens, vision.hidden_size, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(decoder):
+        with autocast:
+            logits = decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=features).logits
+        logits.float().logsumexp(-1).mean().backward()
+        decoder.zero_grad(set_to_none=True)
+        return logits.detach()
+
+    result = {"captions": input_ids.shape[0], "caption_tokens": input_ids.shape[1], "image_tokens": image_tokens}
+    with torch.no_grad(), autocast:
+        result["largest_logit_difference"] = (plain(input_ids=input_ids, attention_mask=attention_mask,
+                                                    encoder_hidden_states=features).logits.float()
+                                              - fused(input_ids=input_ids, attention_mask=attention_mask,
+                                                      encoder_hidden_states=features).logits.float()).abs().max().item()
+    for name, decoder in [("plain", plain), ("fused", fused)]:
+        reset_memory(device)
+        step(decoder)
+        sync(device)
+        if device.type == "cuda":
+            result[f"{name}_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    for _ in range(args.warmup):
+        step(plain), step(fused)
+    times = {"plain": [], "fused": []}
+    for _ in range(args.steps):
+        for name, decoder in [("plain", plain), ("fused", fused)]:
+            sync(device)
+            start = time.perf_counter()
+            step(decoder)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    result.update({f"{name}_step_s": statistics.median(t) for name, t in times.items()})
+    result["speedup"] = result["plain_step_s"] / result["fused_step_s"]
+    return result
+
+
 def model_flops_utilisation(model, batch, optimizer, scheduler, precision, device, step_seconds, objective,
                             master=None):
     from torch.utils.flop_counter import FlopCounterMode
@@ -382,6 +442,10 @@ def main():
     parser.add_argument("--bf16-weights", action="store_true",
                         help="also time our training path with --precision bf16-weights (bf16 weights, fp32 master "
                              "copies in the optimizer)")
+    parser.add_argument("--compare-attention", action="store_true",
+                        help="BLIP: also time the text decoder alone (forward + backward) with transformers' "
+                             "attention and with our fused attention, side by side "
+                             "(with --skip loading,train,caption: only that)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: loading,train,caption,original")
     parser.add_argument("--sample-dir", default=str(SAMPLE_DIR), help="real JPEGs to decode (default: the VizWiz sample)")
     parser.add_argument("--json", help="write the results here")
@@ -404,6 +468,8 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     if args.family != "blip":
         skip.add("original")  # the original template trained and captioned BLIP only
+        if args.compare_attention:
+            parser.error("--compare-attention: the fused text-decoder attention is BLIP's (--family blip)")
     report = {"device": torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)",
               "torch": torch.__version__, "settings": vars(args), "precision_ours": precision,
               "model": SHAPES[args.family][args.shape]}
@@ -422,6 +488,8 @@ def main():
         report["caption"] = {"ours": bench_captioning(args, device, precision, ours=True)}
         if "original" not in skip:
             report["caption"]["original"] = bench_captioning(args, device, precision, ours=False)
+    if args.compare_attention:
+        report["attention"] = bench_attention(args, device, precision)
     print_table(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -467,6 +535,16 @@ def print_table(report):
                      f"beams {s['num_beams']}, {s['new_tokens']} tokens, batch {s['caption_batch']}, "
                      f"peak memory {c['ours']['peak_memory_gb']:.1f} GB ours"))
         print(f"estimated validation pass ({VIZWIZ_VAL_IMAGES:,} images, compute only): {VIZWIZ_VAL_IMAGES / u / 60:.1f} min ours")
+    if "attention" in report:
+        a = report["attention"]
+        memory = (f"; peak memory {a['plain_peak_memory_gb']:.2f} vs {a['fused_peak_memory_gb']:.2f} GB"
+                  if "fused_peak_memory_gb" in a else "")
+        print(f"text decoder forward + backward ({a['captions']} captions x {a['caption_tokens']} tokens, "
+              f"{a['image_tokens']} image tokens, {report['precision_ours']}): transformers' attention "
+              f"{1000 * a['plain_step_s']:.1f} ms, fused {1000 * a['fused_step_s']:.1f} ms per step, "
+              f"{a['speedup']:.2f}x{memory}; largest logit difference {a['largest_logit_difference']:.1e}")
+    if not rows:
+        return
     width = max(len(r[0]) for r in rows)
     print(f"{'':{width}}  {'original':>10}  {'ours':>10}  {'ratio':>7}  (images {s['batch_images']} per training step, "
           f"{s['captions_per_image']} captions each)")

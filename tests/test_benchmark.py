@@ -38,3 +38,20 @@ def test_benchmark_other_families(tmp_path):
         assert report["train"]["ours"]["peak_memory_gb"] > 0
         assert report["settings"]["lora"] == (family == "blip2")  # BLIP-2 trains LoRA only
         assert "only our path is timed" in result.stdout
+
+
+def test_benchmark_compares_the_text_decoders_attention_alone(tmp_path):
+    """--compare-attention with every other part skipped: the text decoder timed with transformers' attention and
+    with ours, on the same weights and inputs (their logits agree)."""
+    out = tmp_path / "bench-attention.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--shape", "tiny", "--image-size", "32", "--steps", "1",
+         "--warmup", "0", "--batch-images", "1", "--captions-per-image", "2", "--skip", "loading,train,caption",
+         "--compare-attention", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    attention = json.loads(out.read_text())["attention"]
+    assert attention["plain_step_s"] > 0 and attention["fused_step_s"] > 0 and attention["speedup"] > 0
+    assert attention["image_tokens"] == 5 and attention["captions"] == 2
+    assert attention["largest_logit_difference"] < 1e-4
+    assert "transformers' attention" in result.stdout and "fused" in result.stdout
