@@ -56,8 +56,9 @@ class Blip(Family):
         return core_model(model).vision_model(pixel_values=pixel_values).last_hidden_state
 
     def token_logits(self, model, image_features, input_ids, attention_mask):
+        # use_cache=False: a training forward has no next step to reuse the keys and values for
         return core_model(model).text_decoder(input_ids=input_ids, attention_mask=attention_mask,
-                                              encoder_hidden_states=image_features).logits
+                                              encoder_hidden_states=image_features, use_cache=False).logits
 
     def _decode_from_prefix(self, model, image_features, **settings):
         """The text decoder's generate() from `prefix`, as BlipForConditionalGeneration.generate() calls it."""
