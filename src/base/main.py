@@ -11,11 +11,11 @@ from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
 from .distributed import Processes, main_process
 from .engine import EXIT_STOPPED, Trainer, caption_in_shares
-from .precision import resolve_precision, set_tf32
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
 from .families import load_family
 from .modeling import to_device
+from .precision import resolve_precision, set_tf32
 from .profiling import find_batch_size
 
 def _output_dir(method, args):

@@ -19,6 +19,7 @@ from .data import EpochBatchSampler, make_loader
 from .engine import Trainer, num_workers
 from .evaluate import score_captions
 from .helpers import UserError, log
+from .precision import full_precision
 
 SEARCH_IMAGES = 16  # distinct images decoded for the batch-size search; bigger batches repeat them
 
@@ -118,7 +119,7 @@ def time_validation(trainer, batches=3):
 def time_saves(trainer, last_pass):
     """Seconds of a training-state save, and of what a validation writes when it finds a new best
     (best_model/, example images, curves); the first such write also pays one-time imports."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, full_precision(trainer.master):  # as the Trainer saves them
         tmp = Path(tmp)
         state_seconds, _ = timed(lambda: save_training_state(tmp, trainer.model, trainer.optimizer, trainer.scheduler,
                                                              trainer.scaler, Progress(), trainer.config), trainer.device)
