@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The standing speed questions on one GPU, in one go (about 5-8 minutes on an H100/H200), offline:
 #   1. scripts/benchmark.py at BLIP-base shapes (full fine-tuning, bf16, 384 px), with and without torch.compile,
-#      and with --precision bf16-weights
+#      and with --precision bf16-weights; the text decoder with transformers' attention and with the fused one
 #   2. scripts/benchmark.py at BLIP-large shapes with LoRA (the src.peft setting), bf16 and bf16-weights
 #   3. scripts/precision_check.py: the demo's tiny BLIP trained in fp32, bf16 and bf16-weights, same seeds
 # then one table: training captions/s, MFU, peak memory, captioning images/s, the estimated 7,750-image
@@ -19,7 +19,8 @@ import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python scripts/benchmark.py --shape base --image-size 384 --compile --bf16-weights --skip loading --json "$OUT/base.json"
+python scripts/benchmark.py --shape base --image-size 384 --compile --bf16-weights --compare-attention --skip loading \
+    --json "$OUT/base.json"
 python scripts/benchmark.py --shape large --lora --image-size 384 --bf16-weights --skip loading,original \
     --json "$OUT/large_lora.json"
 python scripts/make_demo_assets.py --out "$OUT/demo" > /dev/null
@@ -50,6 +51,10 @@ for name, file in (("BLIP-base full fine-tuning", "base.json"), ("BLIP-large LoR
                      f"{compiled['captions_per_s'] / ours['captions_per_s']:.2f}x eager"))
     if "original" in r["train"]:
         rows.append((name, "training vs original template", f"{ours['captions_per_s'] / r['train']['original']['captions_per_s']:.1f}x", ""))
+    attention = r.get("attention")
+    if attention:
+        rows.append((name, "text decoder fwd+bwd, fused attention", f"{attention['speedup']:.2f}x",
+                     f"transformers' attention {attention['plain_step_s'] * 1000:.0f} ms/step"))
     images = r["caption"]["ours"]["images_per_s"]
     rows.append((name, "captioning images/s (3 beams)", f"{images:.0f}", ""))
     rows.append((name, "validation pass, 7,750 images", f"{7750 / images / 60:.2f} min", "< 1 min"))

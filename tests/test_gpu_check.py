@@ -25,7 +25,8 @@ def test_its_table_reads_the_benchmark_json(tmp_path):
     run = {"train": {"ours": {"captions_per_s": 900.0, "mfu": 0.41, "peak_memory_gb": 20.0},
                      "ours_bf16_weights": {"captions_per_s": 1125.0, "mfu": 0.52, "peak_memory_gb": 15.0},
                      "original": {"captions_per_s": 100.0}},
-           "caption": {"ours": {"images_per_s": 155.0}}}
+           "caption": {"ours": {"images_per_s": 155.0}},
+           "attention": {"plain_step_s": 0.056, "fused_step_s": 0.04, "speedup": 1.4}}
     for name in ("base.json", "large_lora.json"):
         (tmp_path / name).write_text(json.dumps(run))
     (tmp_path / "gpu.txt").write_text("NVIDIA H200, 143771 MiB\n")
@@ -36,4 +37,5 @@ def test_its_table_reads_the_benchmark_json(tmp_path):
     assert "NVIDIA H200" in out.stdout and "41.0%" in out.stdout and "9.0x" in out.stdout
     assert "0.83 min" in out.stdout  # 7,750 images at 155 images/s
     assert "1.25x bf16" in out.stdout and "52.0%" in out.stdout  # bf16-weights against bf16 autocast
+    assert "1.40x" in out.stdout and "56 ms/step" in out.stdout  # the fused text attention
     assert "2.520 / 2.620" in out.stdout  # bf16-weights' best CIDEr-D for seeds 0 and 1
