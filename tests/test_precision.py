@@ -2,6 +2,8 @@
 
 The CPU runs bf16 autocast too, so what it computes is checked here; how fast it is needs a GPU
 (scripts/gpu_check.sh)."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -103,6 +105,9 @@ def test_bf16_weights_learn_what_fp32_learns(kind, ft_run, demo_data, tiny_blip,
     assert best_bf16 > untrained + 1.0 and best_bf16 > best_fp32 - 0.3, (untrained, best_fp32, best_bf16)
     saved = [load_file(out / "state" / "trainable.safetensors"), load_file(out / "best_model" / "model.safetensors")]
     assert all(t.dtype == torch.float32 for weights in saved for t in weights.values())
+    # the fp32 best model, captioning in bf16-weights as the run validated: the same captions, the same score
+    run_module("src.ft.test", "--output-dir", out, "--split", "val")
+    assert json.loads((out / "val_scores.json").read_text())["CIDEr"] == pytest.approx(best_bf16, abs=1e-9)
 
 
 def test_the_cpu_runs_what_is_asked_except_fp16():

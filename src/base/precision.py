@@ -96,6 +96,15 @@ class MasterWeights:
             self.master_to_model()
 
 
+def captioning_weights(model, precision):
+    """`model` as `precision` captions with: under bf16-weights its weights in bf16, as the run's validations had
+    them (the bf16 rounding of the fp32 copies best_model/ holds), so that `test --split val` reproduces the
+    validation score, with no weight casts at each decoding step. Other precisions leave it as it is."""
+    if precision == "bf16-weights" and not getattr(core_model(model), "is_quantized", False):
+        model.to(torch.bfloat16)
+    return model
+
+
 def full_precision(master):
     """master.in_model(), or nothing to do without master weights."""
     return master.in_model() if master is not None else nullcontext()
