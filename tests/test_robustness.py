@@ -83,21 +83,26 @@ def _wait_for_state_step(out, at_least, process):
     raise AssertionError(f"the run never saved a state at step >= {at_least}")
 
 
-@pytest.mark.parametrize("method", ["ft", "peft"])
-def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, method, straight, tiny_blip, demo_data):
-    kill_after = random.Random().randint(5, 45)
+def _kill_resume_and_compare(method, data, checkpoint, out, straight, kill_after, steps, *extra):
+    """Start a run, SIGKILL it once it has saved the state of step >= kill_after, resume it: the weights and the
+    metrics must be those of the uninterrupted run `straight`."""
     print(f"killing after the state of step >= {kill_after}")
-    out = tmp_path / "run"
-    process = _start(method, demo_data, tiny_blip, out)
+    process = _start(method, data, checkpoint, out, *extra)
     _wait_for_state_step(out, kill_after, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = json.loads((out / "state" / "progress.json").read_text())["step"]
-    assert killed_at < 60
+    assert killed_at < steps
     result = run_module(f"src.{method}.resume", "--output-dir", out)
     assert f"at step {killed_at}" in result.stdout
-    assert _same_weights(straight[method], out)
-    assert _comparable_metrics(straight[method]) == _comparable_metrics(out)
+    assert _same_weights(straight, out)
+    assert _comparable_metrics(straight) == _comparable_metrics(out)
+
+
+@pytest.mark.parametrize("method", ["ft", "peft"])
+def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, method, straight, tiny_blip, demo_data):
+    _kill_resume_and_compare(method, demo_data, tiny_blip, tmp_path / "run", straight[method],
+                             random.Random().randint(5, 45), 60)
 
 
 @pytest.mark.parametrize("family, method, precision", [("git", "ft", "fp32"), ("blip2", "peft", "fp32"),
@@ -108,18 +113,10 @@ def test_other_families_and_precisions_resume_exactly_after_sigkill(tmp_path, re
     bf16-weights resumes from the fp32 master copies it saved (from their bf16 rounding, it would drift)."""
     checkpoint = request.getfixturevalue(f"tiny_{family}")
     extra = ["--max-steps", "16", "--eval-every", "8", "--save-every", "2", "--lr", "1e-2", "--precision", precision]
-    straight, out = tmp_path / "straight", tmp_path / "run"
+    straight = tmp_path / "straight"
     run_module(f"src.{method}.train", *_argv(demo_data, checkpoint, straight, *extra))
-    process = _start(method, demo_data, checkpoint, out, *extra)
-    _wait_for_state_step(out, random.Random().randint(2, 10), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = json.loads((out / "state" / "progress.json").read_text())["step"]
-    assert killed_at < 16
-    result = run_module(f"src.{method}.resume", "--output-dir", out)
-    assert f"at step {killed_at}" in result.stdout
-    assert _same_weights(straight, out)
-    assert _comparable_metrics(straight) == _comparable_metrics(out)
+    _kill_resume_and_compare(method, demo_data, checkpoint, tmp_path / "run", straight, random.Random().randint(2, 10),
+                             16, *extra)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])  # SIGUSR2 and SIGINT share the handler
