@@ -242,6 +242,30 @@ def family_caption_batch(family, captions_per_image, vocab):
     return CaptionCollator(family.pad_id, len(family.prefix))(samples)
 
 
+def assert_sequence_log_probs_are_the_models(family, model, whole_model_logits):
+    """family.sequence_log_probs of sampled captions (one cut short by an early end token, padding after it) equal
+    the log-probabilities the model's own forward gives them. `whole_model_logits(pixels, tokens)` runs that forward
+    on one image and one token row and returns the logits at the token positions."""
+    import torch
+    pixels = random_images(family, 2)
+    features = family.encode_images(model, pixels)
+    torch.manual_seed(1)
+    sequences = family.sample(model, features, 3, 6)
+    start = len(family.prefix)
+    sequences[0, start + 1] = family.end_id  # one caption ends early: what follows it must not count
+    sequences[0, start + 2:] = family.pad_id
+    log_probs, counts = family.sequence_log_probs(model, features.repeat_interleave(3, dim=0), sequences)
+
+    for row, sequence in enumerate(sequences.tolist()):
+        chosen = sequence[start:]
+        chosen = chosen[: chosen.index(family.end_id) + 1] if family.end_id in chosen else chosen
+        tokens = torch.tensor([family.prefix + chosen])
+        logits = whole_model_logits(pixels[row // 3: row // 3 + 1], tokens)
+        expected = torch.log_softmax(logits, -1)[start - 1: -1].gather(1, tokens[0, start:, None]).sum()
+        assert counts[row] == len(chosen)
+        assert log_probs[row].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
 def assert_test_writes_one_caption_per_image(method, run_dir, data_dir):
     """`src.<method>.test` on a run: test_captions.json has one non-empty caption per test image, in order."""
     from src.base.data import load_split

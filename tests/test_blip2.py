@@ -9,8 +9,8 @@ tokens from its configuration, so the same tests hold for any BLIP-2 OPT checkpo
 import pytest
 import torch
 
-from conftest import (FAST, assert_test_writes_one_caption_per_image, family_caption_batch, random_images, read_metrics,
-                      run_module, short_scst_run)
+from conftest import (FAST, assert_sequence_log_probs_are_the_models, assert_test_writes_one_caption_per_image,
+                      family_caption_batch, random_images, read_metrics, run_module, short_scst_run)
 from src.base.families import load_family
 from src.base.families.blip2 import QFORMER_LORA_TARGETS
 from src.base.lora import add_lora
@@ -105,24 +105,8 @@ def test_loss_equals_transformers_blip2_loss(blip2):
 
 def test_sequence_log_probs_are_the_models(blip2):
     family, model = blip2
-    pixels = random_images(family, 2)
-    features = family.encode_images(model, pixels)
-    torch.manual_seed(1)
-    sequences = family.sample(model, features, 3, 6)
-    start = len(family.prefix)
-    sequences[0, start + 1] = family.end_id  # one caption ends early: what follows it must not count
-    sequences[0, start + 2:] = family.pad_id
-    log_probs, counts = family.sequence_log_probs(model, features.repeat_interleave(3, dim=0), sequences)
-
-    for row, sequence in enumerate(sequences.tolist()):
-        chosen = sequence[start:]
-        chosen = chosen[: chosen.index(family.end_id) + 1] if family.end_id in chosen else chosen
-        tokens = torch.tensor([family.prefix + chosen])
-        logits = model(pixel_values=pixels[row // 3: row // 3 + 1],
-                       input_ids=with_image_tokens(family, tokens)).logits[0, -tokens.shape[1]:]
-        expected = torch.log_softmax(logits, -1)[start - 1: -1].gather(1, tokens[0, start:, None]).sum()
-        assert counts[row] == len(chosen)
-        assert log_probs[row].item() == pytest.approx(expected.item(), abs=1e-4)
+    assert_sequence_log_probs_are_the_models(family, model, lambda pixels, tokens: model(
+        pixel_values=pixels, input_ids=with_image_tokens(family, tokens)).logits[0, -tokens.shape[1]:])
 
 
 @pytest.mark.parametrize("targets, part", [(None, ("language_model.",)),

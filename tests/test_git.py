@@ -8,8 +8,8 @@ its configuration, so the same tests hold for any GIT checkpoint.
 import pytest
 import torch
 
-from conftest import (FAST, assert_test_writes_one_caption_per_image, family_caption_batch, random_images, read_metrics,
-                      run_module, short_scst_run)
+from conftest import (FAST, assert_sequence_log_probs_are_the_models, assert_test_writes_one_caption_per_image,
+                      family_caption_batch, random_images, read_metrics, run_module, short_scst_run)
 from src.base.families import load_family
 from src.base.lora import add_lora
 from src.base.modeling import enable_activation_checkpointing, parameter_summary
@@ -82,23 +82,8 @@ def test_loss_equals_transformers_git_loss(git):
 
 def test_sequence_log_probs_are_the_models(git):
     family, model = git
-    pixels = random_images(family, 2)
-    features = family.encode_images(model, pixels)
-    torch.manual_seed(1)
-    sequences = family.sample(model, features, 3, 6)
-    start = len(family.prefix)
-    sequences[0, start + 1] = family.end_id  # one caption ends early: what follows it must not count
-    sequences[0, start + 2:] = family.pad_id
-    log_probs, counts = family.sequence_log_probs(model, features.repeat_interleave(3, dim=0), sequences)
-
-    for row, sequence in enumerate(sequences.tolist()):
-        chosen = sequence[start:]
-        chosen = chosen[: chosen.index(family.end_id) + 1] if family.end_id in chosen else chosen
-        tokens = torch.tensor([family.prefix + chosen])
-        logits = model(pixel_values=pixels[row // 3: row // 3 + 1], input_ids=tokens).logits[0, -tokens.shape[1]:]
-        expected = torch.log_softmax(logits, -1)[start - 1: -1].gather(1, tokens[0, start:, None]).sum()
-        assert counts[row] == len(chosen)
-        assert log_probs[row].item() == pytest.approx(expected.item(), abs=1e-4)
+    assert_sequence_log_probs_are_the_models(family, model, lambda pixels, tokens: model(
+        pixel_values=pixels, input_ids=tokens).logits[0, -tokens.shape[1]:])
 
 
 def test_lora_trains_r_times_in_plus_out_per_targeted_linear(tiny_git):
