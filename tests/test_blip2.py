@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import (FAST, assert_sequence_log_probs_are_the_models, assert_test_writes_one_caption_per_image,
-                      family_caption_batch, random_images, read_metrics, run_module, short_scst_run)
+                      family_caption_batch, random_images, read_metrics, run_module,
+                      sharp_family_model, short_scst_run)
 from src.base.families import load_family
 from src.base.families.blip2 import QFORMER_LORA_TARGETS
 from src.base.lora import add_lora
@@ -19,16 +20,8 @@ from src.base.modeling import dropout_off, enable_activation_checkpointing, para
 
 @pytest.fixture(scope="module")
 def blip2(tiny_blip2):
-    """The tiny BLIP-2 with its weight matrices redrawn larger: at the usual 0.02 initialisation every token attends
-    almost uniformly, and a misplaced query token or a wrong mask would change the loss by very little."""
-    family = load_family(tiny_blip2)
-    model = family.load_model(tiny_blip2).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() > 1:
-                weight.normal_(0, 0.3)
-    return family, model
+    """The tiny BLIP-2, its weights redrawn larger (conftest.sharp_family_model)."""
+    return sharp_family_model(tiny_blip2)
 
 
 def words(family, count=12):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import (FAST, assert_sequence_log_probs_are_the_models, assert_test_writes_one_caption_per_image,
-                      family_caption_batch, random_images, read_metrics, run_module, short_scst_run)
+                      family_caption_batch, random_images, read_metrics, run_module,
+                      sharp_family_model, short_scst_run)
 from src.base.families import load_family
 from src.base.lora import add_lora
 from src.base.modeling import enable_activation_checkpointing, parameter_summary
@@ -19,16 +20,8 @@ HUB_FILES = __import__("conftest").REPO.parent / "shared" / "hub_files"
 
 @pytest.fixture(scope="module")
 def git(tiny_git):
-    """The tiny GIT with its weight matrices redrawn larger: at the usual 0.02 initialisation every token attends
-    almost uniformly, and a wrong attention mask would change the loss by only about 1e-6."""
-    family = load_family(tiny_git)
-    model = family.load_model(tiny_git).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() > 1:
-                weight.normal_(0, 0.3)
-    return family, model
+    """The tiny GIT, its weights redrawn larger (conftest.sharp_family_model)."""
+    return sharp_family_model(tiny_git)
 
 
 def words(family, count=12):
