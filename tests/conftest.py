@@ -245,6 +245,23 @@ def sharp_family_model(checkpoint):
     return family, model
 
 
+def assert_checkpointing_keeps_the_gradient(family, model, batch):
+    """The trainable parameters' gradient of family.loss on `batch` is the same with activation checkpointing
+    (--grad-checkpointing) as without; the same seed before each pass, so dropout draws the same masks."""
+    import torch
+    from src.base.modeling import enable_activation_checkpointing
+    model.train()
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.zero_grad()
+        torch.manual_seed(0)
+        family.loss(model, batch).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert gradients[0].abs().sum() > 0 and torch.allclose(gradients[0], gradients[1], atol=1e-7)
+
+
 def family_caption_batch(family, captions_per_image, vocab):
     """A training batch as the engine builds it: random images, captions of words from `vocab` of different lengths
     (so, padding), `captions_per_image[i]` captions for image i."""

@@ -9,13 +9,13 @@ tokens from its configuration, so the same tests hold for any BLIP-2 OPT checkpo
 import pytest
 import torch
 
-from conftest import (FAST, assert_sequence_log_probs_are_the_models, assert_test_writes_one_caption_per_image,
-                      family_caption_batch, random_images, read_metrics, run_module,
-                      sharp_family_model, short_scst_run)
+from conftest import (FAST, assert_checkpointing_keeps_the_gradient, assert_sequence_log_probs_are_the_models,
+                      assert_test_writes_one_caption_per_image, family_caption_batch, random_images, read_metrics,
+                      run_module, sharp_family_model, short_scst_run)
 from src.base.families import load_family
 from src.base.families.blip2 import QFORMER_LORA_TARGETS
 from src.base.lora import add_lora
-from src.base.modeling import dropout_off, enable_activation_checkpointing, parameter_summary
+from src.base.modeling import dropout_off, parameter_summary
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +119,7 @@ def test_lora_trains_r_times_in_plus_out_per_targeted_linear(tiny_blip2, targets
     assert parameter_summary(model).startswith(f"trainable params: {expected:,} ||")
 
     # the adapters' gradient is the same with activation checkpointing (--grad-checkpointing), dropout and all
-    model.train()
-    batch = caption_batch(family, [2, 3])
-    gradients = []
-    for checkpointing in (False, True):
-        if checkpointing:
-            enable_activation_checkpointing(model)
-        model.zero_grad()
-        torch.manual_seed(0)
-        family.loss(model, batch).backward()
-        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
-    assert gradients[0].abs().sum() > 0 and torch.allclose(gradients[0], gradients[1], atol=1e-7)
+    assert_checkpointing_keeps_the_gradient(family, model, caption_batch(family, [2, 3]))
 
 
 def test_dropout_off_gives_the_eval_mode_policy(tiny_blip2):
