@@ -7,11 +7,16 @@
 # GPUs trains on the same batches; each GPU takes its share (set --grad-accum if a share does not fit).
 # Processes: the number of GPUs SGE granted (CUDA_VISIBLE_DEVICES), else all of the node's, or NGPUS.
 #
-# Preemption: SGE's -notify signals (SIGUSR1/SIGUSR2) and SIGTERM are passed to the training processes, which
-# finish their step together, save the state once (rank 0 writes, as for everything) and stop; this job then exits
-# with status 99 so that SGE requeues it, and the requeued job resumes the run by itself.
+# Preemption: SGE's -notify signals (SIGUSR1/SIGUSR2) and SIGTERM, sent to this script or to the job's whole
+# process group, reach this script alone: torchrun runs in a session of its own (it would die of SIGUSR1 and kill
+# its workers 30 s after a SIGTERM). The script passes each signal to every training process (torchrun starts them
+# in sessions of their own too); they finish their step or validation batch together, rank 0 saves the state, and
+# all of them exit. This script waits for that, then exits with status 99 (SGE requeues the job; the requeued job
+# resumes the run by itself) only if the run left its note that it saved (STOPPED_FILE), else with torchrun's
+# status. If the job is killed outright (SIGKILL), torchrun dies with this script and the training processes with
+# torchrun: nothing outlives the job. A second run in the same --output-dir is refused (the directory's .lock).
 # Run-time limit: as ft_train.sh, the job's own h_rt (else the TIME_LIMIT line; keep it equal to h_rt) goes to
-# --time-limit; a run that stops for it exits 99 too (torchrun itself would exit 1: the run leaves a note in
+# --time-limit; a run that stops for it exits 99 too (torchrun itself would exit 1: the run leaves its note in
 # STOPPED_FILE that this script reads).
 # Resource names (-l gpu=N, -pe smp) differ between clusters: check `qconf -sc`.
 #$ -N blip_multi
@@ -48,25 +53,30 @@ echo "starting $gpus training processes"
 limit=$(job_time_limit "$TIME_LIMIT")  # empty outside SGE: no limit
 STOPPED_FILE=$(mktemp "${TMPDIR:-/tmp}/stopped.XXXXXX") && rm -f "$STOPPED_FILE" || exit 2
 export STOPPED_FILE  # rank 0 creates it if the run stops to be resumed (a signal or the time limit)
-# not exec: this shell stays to pass SGE's signals to the training processes (torchrun would die of SIGUSR1)
-python -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m "src.$method.train" \
-    ${limit:+--time-limit "$limit"} "$@" &
-launcher=$!
-signalled=""
-forward() { signalled="$1"; pkill "-$1" -P "$launcher"; }
+launcher="" signalled=""
+forward() { signalled="$1"; [ -n "$launcher" ] && pkill "-$1" -P "$launcher"; }  # torchrun's children: the training processes
 trap 'forward USR1' USR1
 trap 'forward USR2' USR2
 trap 'forward TERM' TERM
 trap 'forward INT' INT
-# wait returns early when a trapped signal arrives: keep waiting while the launcher runs
+# not exec: this shell stays to pass the signals on. torchrun gets a session of its own (setsid) and dies with this
+# shell (PR_SET_PDEATHSIG, which execvp keeps); $! is its pid.
+python -c 'import ctypes, os, signal, sys
+os.setsid()
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+os.execvp(sys.argv[1], sys.argv[1:])' python -m torch.distributed.run --standalone --nproc_per_node "$gpus" \
+    -m "src.$method.train" ${limit:+--time-limit "$limit"} "$@" &
+launcher=$!
+# wait returns early when a trapped signal arrives: keep waiting while torchrun runs (it ends after its processes)
 while true; do
     wait "$launcher"
     status=$?
     kill -0 "$launcher" 2>/dev/null || break
 done
-if [ -n "$signalled" ] || [ -f "$STOPPED_FILE" ]; then
+if [ -f "$STOPPED_FILE" ]; then
     rm -f "$STOPPED_FILE"
-    echo "stopped${signalled:+ by SIG$signalled} after saving the state: exit 99 (SGE requeues the job; it resumes by itself)"
+    echo "stopped${signalled:+ by SIG$signalled}, state saved: exit 99 (SGE requeues the job; it resumes by itself)"
     exit 99
 fi
+[ -n "$signalled" ] && echo "received SIG$signalled, but the run did not stop to be resumed (see its log): exit $status"
 exit "$status"

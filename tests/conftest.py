@@ -82,6 +82,40 @@ def ft_run(tmp_path_factory, tiny_blip, demo_data):
     return out
 
 
+# A 60-step run that saves often, for the tests that stop and resume runs (the step-0 validation has its own tests
+# in test_pipeline; here it would only move the step counts)
+RUN = [*FAST, "--lr", "1e-3", "--max-steps", "60", "--eval-every", "20", "--save-every", "5", "--no-eval-at-start"]
+TIMINGS = {"elapsed_seconds", "train_captions_per_second", "val_seconds", "peak_memory_gb", "device_hours"}
+
+
+def resume_argv(data, checkpoint_dir, out, *extra):
+    return ["--data-dir", str(data), "--checkpoint", str(checkpoint_dir), "--output-dir", str(out), *RUN, *extra]
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory, tiny_blip, demo_data):
+    """Uninterrupted RUN runs of the tiny BLIP on the demo set, one per method: what a stopped and resumed run must
+    reproduce exactly."""
+    runs = {}
+    for method in ("ft", "peft"):
+        runs[method] = tmp_path_factory.mktemp("straight") / method
+        run_module(f"src.{method}.train", *resume_argv(demo_data, tiny_blip, runs[method]))
+    return runs
+
+
+def same_weights(a, b):
+    """Whether two runs' saved states hold the same trained weights, bit for bit."""
+    from safetensors.torch import load_file
+    import torch
+    wa, wb = (load_file(Path(run) / "state" / "trainable.safetensors") for run in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def comparable_metrics(run_dir):
+    """metrics.jsonl without its timings: equal for two runs that trained the same."""
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_metrics(run_dir)]
+
+
 def run_module(module, *args, check=True, env=None, subprocess=False):
     """`python -m module args...` from the repo root, offline; returns a CompletedProcess (args, returncode, stdout,
     stderr).

@@ -4,7 +4,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,19 +35,46 @@ def torchrun(module, *args, processes=2):
 
 
 def multi_gpu_train(method, *args, processes=2):
-    """multi_gpu_train.sh as a job runs it, started (not waited for)."""
+    """multi_gpu_train.sh as SGE runs a job: in a process group of its own; started, not waited for."""
     env = {**os.environ, "VENV_DIR": sys.prefix, "NGPUS": str(processes), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(["bash", "multi_gpu_train.sh", method, *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def stop_after_first_validation(job, output_dir):
-    """SIGUSR1 (SGE's -notify) once the run has validated; the job's output after it exits."""
+def notify_and_end_the_job(job, output_dir, when):
+    """SGE's -notify: SIGUSR1 to the job's whole process group once `when()` is true; then, once the job script has
+    exited, SIGKILL to what is left of the group, as SGE does. No training process may be left (they run in
+    sessions of their own, out of the group's reach). Returns the job's output."""
     deadline = time.time() + 300
-    while not (output_dir / "metrics.jsonl").is_file() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    job.send_signal(signal.SIGUSR1)
-    return job.communicate(timeout=300)[0]
+    while not when() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGUSR1)
+    try:
+        output = job.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        tree = subprocess.run(["ps", "-eo", "pid,ppid,pgid,sid,stat,args", "--forest"], capture_output=True, text=True)
+        os.killpg(job.pid, signal.SIGKILL)
+        raise AssertionError(f"the job did not end after the signal:\n{tree.stdout[-4000:]}")
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    time.sleep(1)
+    assert left_running(output_dir) == [], output[-3000:]
+    return output
+
+
+def left_running(output_dir):
+    """Live processes whose command line names `output_dir` (the run's training processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if entry.name.isdigit() and str(output_dir) in command and "Z" != (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]:
+                found.append(command)
+        except (OSError, IndexError):
+            pass
+    return found
 
 
 def saved_rng_states(output_dir):
@@ -75,7 +104,7 @@ def test_a_batch_smaller_than_the_processes_trains_like_one_and_each_process_res
     torchrun("src.peft.train", *args, "--output-dir", two)
 
     job = multi_gpu_train("peft", *args, "--output-dir", resumed)
-    output = stop_after_first_validation(job, resumed)
+    output = notify_and_end_the_job(job, resumed, when=(resumed / "metrics.jsonl").is_file)
     assert job.returncode == 99, output[-3000:]
     stopped_at = json.loads((resumed / "state" / "progress.json").read_text())["step"]
     assert 4 <= stopped_at < 12, output[-3000:]
@@ -137,26 +166,31 @@ def test_scst_train_reward_is_the_mean_over_all_processes(tmp_path, tiny_blip, d
     assert read_metrics(out)[-1]["train_reward"] == pytest.approx(mean_of_all, rel=1e-9)
 
 
-def test_two_processes_train_like_one_and_survive_an_sge_signal(tmp_path, tiny_blip, demo_data):
-    """multi_gpu_train.sh with 2 processes (gloo), stopped by SIGUSR1 as SGE's -notify sends it, then resubmitted."""
-    args = ["--data-dir", demo_data, "--checkpoint", tiny_blip, *FAST, *STEPS]
+def test_two_processes_train_like_one_and_stop_together_mid_validation(tmp_path, tiny_blip, demo_data):
+    """multi_gpu_train.sh with 2 processes (gloo). SGE's notify signal reaches the job's process group while the
+    processes caption the first validation (20 batches each): they stop at the same batch, save the state with the
+    validation still to do, and the job exits 99 once both have exited; the group is then killed as SGE does, and
+    nothing is left running. The requeued job (the same command line) trains on as one process would have."""
+    args = ["--data-dir", demo_data, "--checkpoint", tiny_blip, *FAST, *STEPS, "--val-max-images", "40",
+            "--eval-batch-size", "1"]
     run_module("src.ft.train", *args, "--output-dir", tmp_path / "one")
 
     two = tmp_path / "two"
-    env = {**os.environ, "VENV_DIR": sys.prefix, "NGPUS": "2", "HF_HUB_OFFLINE": "1"}
-    wrapper = ["bash", "multi_gpu_train.sh", "ft", *map(str, args), "--output-dir", str(two)]
-    job = subprocess.Popen(wrapper, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (two / "metrics.jsonl").is_file() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    job.send_signal(signal.SIGUSR1)
-    output = job.communicate(timeout=300)[0]
+    job = multi_gpu_train("ft", *args, "--output-dir", two)
+    seen = []  # the job's output so far, read as it comes (tqdm draws "validating" when the pass starts)
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: job.stdout.read(1), "")), daemon=True)
+    reader.start()
+    job.communicate = lambda timeout: (job.wait(timeout), reader.join(timeout), ("".join(seen), None))[-1]
+    output = notify_and_end_the_job(job, two, when=lambda: "validating" in "".join(seen))
     assert job.returncode == 99, output[-3000:]
-    stopped_at = json.loads((two / "state" / "progress.json").read_text())["step"]
-    assert 5 <= stopped_at < 20, output[-3000:]
+    assert "stopped by SIGUSR1, state saved: exit 99" in output
+    state = json.loads((two / "state" / "progress.json").read_text())
+    assert state["step"] == 5 and state["eval_pending"], output[-3000:]  # stopped inside the validation of step 5
+    assert not (two / "metrics.jsonl").exists()
 
-    rerun = subprocess.run(wrapper, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = multi_gpu_train("ft", *args, "--output-dir", two)
+    output = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, output[-3000:]
     one, two_weights = (load_file(run / "state" / "trainable.safetensors") for run in (tmp_path / "one", two))
     assert one.keys() == two_weights.keys()
     worst = max((one[k] - two_weights[k]).abs().max().item() for k in one)

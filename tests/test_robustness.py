@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import src.base.checkpoint as checkpoint
 import src.base.engine as engine
 import src.base.objectives as objectives
-from conftest import FAST, REPO, SAMPLE, read_metrics, run_module
+from conftest import (FAST, REPO, RUN, SAMPLE, comparable_metrics as _comparable_metrics, read_metrics,
+                      resume_argv as _argv, run_module, same_weights as _same_weights)
 from scripts.make_demo_assets import make_dataset
 from src.base.config import resolve, training_parser
 from src.base.engine import EXIT_NONFINITE, EXIT_STOPPED, Trainer
@@ -29,40 +29,8 @@ from src.ft.method import METHOD as FT
 from src.peft.method import METHOD as PEFT
 
 METHODS = {"ft": FT, "peft": PEFT}
-# the step-0 validation has its own tests (test_pipeline); here it would only move the step counts
-RUN = [*FAST, "--lr", "1e-3", "--max-steps", "60", "--eval-every", "20", "--save-every", "5", "--no-eval-at-start"]
-
-
-def _argv(data, checkpoint_dir, out, *extra):
-    return ["--data-dir", str(data), "--checkpoint", str(checkpoint_dir), "--output-dir", str(out), *RUN, *extra]
-
-
 def _config(method, *argv):
     return resolve(METHODS[method], training_parser("test").parse_args(list(map(str, argv))))
-
-
-def _weights(run_dir):
-    return load_file(Path(run_dir) / "state" / "trainable.safetensors")
-
-
-def _same_weights(a, b):
-    wa, wb = _weights(a), _weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def _comparable_metrics(run_dir):
-    timings = {"elapsed_seconds", "train_captions_per_second", "val_seconds", "peak_memory_gb", "device_hours"}
-    return [{k: v for k, v in row.items() if k not in timings} for row in read_metrics(run_dir)]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_blip, demo_data):
-    """Uninterrupted reference runs, one per method."""
-    runs = {}
-    for method in METHODS:
-        runs[method] = tmp_path_factory.mktemp("straight") / method
-        run_module(f"src.{method}.train", *_argv(demo_data, tiny_blip, runs[method]))
-    return runs
 
 
 def _start(method, data, checkpoint_dir, out, *extra):

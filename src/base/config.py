@@ -60,6 +60,7 @@ class RunConfig:
     repetition_penalty: float = 1.0
     exact_preprocessing: bool = False
     tf32: bool = False
+    job: str = None  # the batch job that started the run (jobs.current_job()): its requeues resume, even with --fresh
 
     def save(self):
         write_json_atomic(Path(self.output_dir) / CONFIG_FILE, dataclasses.asdict(self))

@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 
 from . import constants as C
 from .helpers import UserError, log
+from .jobs import ignore_stop_signals
 
 SPLITS = ("train", "val", "test")
 
@@ -454,7 +455,8 @@ def make_loader(dataset, num_workers, collate_fn, batch_sampler=None, batch_size
     """A DataLoader over `dataset`: given batches (`batch_sampler`) or consecutive ones of `batch_size`.
 
     It gets a generator of its own: each new iterator draws a seed from it, and drawing from the
-    global one would shift the dropout random numbers of a resumed run.
+    global one would shift the dropout random numbers of a resumed run. Its workers ignore the stop signals, which
+    the scheduler sends to the whole process group: the main process handles them (jobs.py).
     """
     return torch.utils.data.DataLoader(
         dataset,
@@ -466,4 +468,5 @@ def make_loader(dataset, num_workers, collate_fn, batch_sampler=None, batch_size
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )

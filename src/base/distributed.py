@@ -6,6 +6,10 @@ run of one process and needs no launcher. Every process trains on its share of e
 only the main process (rank 0) scores, writes files and logs to the run's log file.
 """
 import atexit
+import ctypes
+import os
+import signal
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -17,6 +21,8 @@ class Processes:
     """This process's place among the run's processes, and the few collective operations the engine needs."""
 
     def __init__(self):
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (or accelerate launch)
+            die_with_launcher()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -58,5 +64,14 @@ class Processes:
 
 def main_process():
     """Whether this is rank 0, before a Trainer exists (logging setup). torchrun and accelerate set RANK."""
-    import os
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def die_with_launcher():
+    """End this process when its launcher dies. torchrun starts each training process in a session of its own, out
+    of reach of the signals the scheduler sends the job's process group, so when the job is killed (SIGKILL) with
+    torchrun, its training processes would otherwise go on training, unseen, in the run directory."""
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

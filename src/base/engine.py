@@ -7,7 +7,6 @@ schedule, keeps the best model, and saves the full state often enough that a kil
 import json
 import math
 import resource
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -30,6 +29,7 @@ from .distributed import Processes
 from .evaluate import format_scores, score_captions
 from .families import load_family
 from .helpers import UserError, log, process_seed, rng_state, seed_everything
+from .jobs import RunLock, StopSignals
 from .modeling import enable_activation_checkpointing, parameter_summary, to_device
 from .objectives import make_objective
 from .precision import MasterWeights, autocast, full_precision, resolve_precision, set_tf32
@@ -71,57 +71,35 @@ def _tqdm_interval():
     return 0.5 if sys.stderr.isatty() else 60
 
 
-# ---------------------------------------------------------------- signals
+# ---------------------------------------------------------------- captioning (validation and test)
 
 class Interrupted(Exception):
-    """A stop signal arrived during validation."""
+    """A stop signal (or the time limit) cut a captioning pass short."""
 
-
-class StopSignals:
-    """Turn SIGUSR1/SIGUSR2 (SGE -notify: suspend/kill coming), SIGTERM and SIGINT into a flag.
-
-    The loop checks the flag after each step and between validation batches, saves the state
-    and exits with EXIT_STOPPED. A second Ctrl-C stops at once.
-    """
-    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-
-# ---------------------------------------------------------------- captioning (validation and test)
 
 def decoding_settings(config):
     """The generate() settings of validation and test captions."""
     return {key: getattr(config, key) for key in decoding.KEYS}
 
 
-def caption_records(model, records, transform, family, config, device, precision, desc, stop=None):
+def caption_records(model, records, transform, family, config, device, precision, desc, stop=None, rounds=None):
     """Generate one caption per record, batched. Returns ({image_id: caption}, [bad image messages]).
 
-    `stop`, if given, is asked before each batch; a true answer raises Interrupted.
+    `stop`, if given, is asked before each batch; a true answer raises Interrupted. `rounds`: ask it this many times
+    in all, batches or not (with several processes it is a collective question, asked as often by each of them).
     A bad image is captioned as a blank one (so a submission covers every id), unless --strict.
     """
     loader = make_loader(ImageSet(records, transform), num_workers(config), collate_images,
                          batch_size=config.eval_batch_size)
     model.eval()
     predictions, bad = {}, []
-    for batch in tqdm(loader, desc=desc, leave=False, mininterval=_tqdm_interval()):
+    batches = iter(tqdm(loader, desc=desc, leave=False, mininterval=_tqdm_interval()))
+    for _ in range(max(rounds or 0, len(loader))):
         if stop is not None and stop():
             raise Interrupted
+        batch = next(batches, None)
+        if batch is None:  # this process's share is done; the others still ask `stop`
+            continue
         for message in batch["bad"]:
             if config.strict:
                 raise UserError(f"{message} (--strict)")
@@ -137,10 +115,12 @@ def caption_records(model, records, transform, family, config, device, precision
 def caption_in_shares(processes, model, records, transform, family, config, device, precision, desc, stop=None):
     """caption_records over this process's share of `records`; every process gets all the captions.
 
-    With several processes `stop` is not asked: they must finish the pass together.
+    With several processes `stop` must be a collective question (every process gets the same answer): each asks
+    it as often as the process with the most batches, so that they all stop at the same point.
     """
+    largest_share = math.ceil(len(records) / processes.world)
     predictions, bad = caption_records(model, processes.shard(records), transform, family, config, device,
-                                       precision, desc, stop if processes.world == 1 else None)
+                                       precision, desc, stop, rounds=math.ceil(largest_share / config.eval_batch_size))
     if processes.world > 1:
         predictions, bad = dict(processes.gather(list(predictions.items()))), processes.gather(bad)
     return predictions, bad
@@ -261,9 +241,11 @@ def training_step(model, batch, optimizer, scheduler, scaler, precision, device,
 
 
 class Trainer:
-    def __init__(self, method, config, fresh=False, time_limit=None):
-        """`time_limit`: seconds from the process's start (--time-limit), or None."""
+    def __init__(self, method, config, fresh=False, time_limit=None, stop=None):
+        """`time_limit`: seconds from the process's start (--time-limit), or None. `stop`: the StopSignals of the
+        entry point, installed before the model loads (run() installs its own otherwise)."""
         self.config, self.fresh = config, fresh
+        self.stop = stop or StopSignals()
         self.budget = TimeBudget(time_limit)
         self.saved_at = None  # where the last state save was: a stop for time right after it need not save again
         self.output_dir = Path(config.output_dir)
@@ -310,18 +292,30 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.progress = Progress()
-        self.stop = None
 
     # ---- the run
 
     def run(self):
-        """Train to the end (exit status 0), or until a signal (EXIT_STOPPED) or a non-finite streak (EXIT_NONFINITE)."""
-        p = self.progress
+        """Train to the end (exit status 0), or until a signal (EXIT_STOPPED) or a non-finite streak (EXIT_NONFINITE).
+
+        Rank 0 holds the run directory's lock throughout: a second run there is refused before it writes anything."""
         if not self.budget.fits():  # before writing anything; requeued, the job would only stop again
             raise UserError(f"--time-limit {format_duration(self.budget.limit)}: no time left after the startup for "
                             f"even one state save; give the job more time")
+        lock = RunLock(self.output_dir) if self.processes.is_main else None
+        with self.stop:
+            try:
+                if lock:
+                    self.output_dir.mkdir(parents=True, exist_ok=True)
+                    lock.acquire()
+                return self._run()
+            finally:
+                if lock:
+                    lock.release()
+
+    def _run(self):
+        p = self.progress
         if self.processes.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             if self.fresh:
                 clear_run(self.output_dir)
             self.config.save()
@@ -344,6 +338,11 @@ class Trainer:
         if self._finished() and not p.eval_pending:
             log.info(f"nothing to do: the run already reached step {p.step} of {self.total_steps}")
             return 0
+        self._agree_on_stop()
+        if self.stop.received:  # while the run was starting: the state on disk is as it was
+            log.info(f"received {self.stop.received} before the first step: nothing new to save; exiting with "
+                     f"status {EXIT_STOPPED}. Resubmit the same command (or run src.<method>.resume) to continue.")
+            return EXIT_STOPPED
         if p.step == 0 and p.last_eval_step < 0 and self.config.eval_at_start:
             p.eval_pending = True  # score the starting model first: best_model/ never falls below it
             log.info("validating the starting model first (step 0; --no-eval-at-start skips this)")
@@ -351,9 +350,8 @@ class Trainer:
         self.clock = self.last_save = time.time()
         self.budget.start_lap()
         # miniters=1: tqdm's monitor thread would otherwise redraw between mininterval's redraws
-        with StopSignals() as self.stop, tqdm(total=self.total_steps, initial=p.step, desc="training",
-                                              dynamic_ncols=True, mininterval=_tqdm_interval(), miniters=1,
-                                              disable=not self.processes.is_main) as self.bar:
+        with tqdm(total=self.total_steps, initial=p.step, desc="training", dynamic_ncols=True,
+                  mininterval=_tqdm_interval(), miniters=1, disable=not self.processes.is_main) as self.bar:
             status = self._validate() if p.eval_pending else None  # a validation a signal cut short
             while status is None and not self._finished():
                 self.sampler.set_epoch(p.epoch, p.batch_in_epoch)
@@ -361,7 +359,7 @@ class Trainer:
                     status = self._consume(batch)
                     if status is not None or self._finished():
                         break
-        self.processes.wait()
+        self.processes.wait()  # no process exits before rank 0 has finished its last save
         if status is not None:
             return status
         if self.processes.is_main:  # only rank 0 validates: the others do not know the best score
@@ -419,9 +417,10 @@ class Trainer:
                                  self.config, self.device, self.precision, desc, self._stop_captioning)
 
     def _stop_captioning(self):
-        """Asked between validation batches (one process): a stop signal, or only the final save's time left (the
-        first validation has no measured length to check against beforehand)."""
-        return (self.stop is not None and self.stop.received) or not self.budget.fits()
+        """Asked before each validation batch, by every process together: a stop signal (to any of them), or only
+        the final save's time left (the first validation has no measured length to check against beforehand)."""
+        (out_of_time,) = self._agree_on_stop(not self.budget.fits())
+        return bool(self.stop.received) or out_of_time > 0
 
     def _step(self, batch, captions, images):
         """One update and its bookkeeping. Returns False when it was skipped for a non-finite loss or gradient."""

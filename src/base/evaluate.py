@@ -21,6 +21,7 @@ from . import constants as C
 from .config import ArgumentParser
 from .data import load_annotations, with_captions
 from .helpers import UserError, exit_on_user_error, log
+from .jobs import children_in_own_session
 from .ptb import java_available, tokenize
 
 METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
@@ -60,12 +61,13 @@ def score_captions(references, predictions, meteor=True, spice=False, tokenizer=
 
     for make_scorer, names in scorers:
         try:
-            scorer = make_scorer()
-            if isinstance(scorer, Bleu):
-                score, scores = scorer.compute_score(gts, res, verbose=0)
-            else:
-                score, scores = scorer.compute_score(gts, res)
-                score, scores = [score], [scores]
+            with children_in_own_session():  # METEOR's and SPICE's Java: out of reach of the job's group signals
+                scorer = make_scorer()
+                if isinstance(scorer, Bleu):
+                    score, scores = scorer.compute_score(gts, res, verbose=0)
+                else:
+                    score, scores = scorer.compute_score(gts, res)
+                    score, scores = [score], [scores]
         except Exception as error:  # only SPICE may fail here: it downloads Stanford CoreNLP on first use
             if names != ["SPICE"]:
                 raise

@@ -10,9 +10,10 @@ from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
 from .distributed import Processes, main_process
-from .engine import EXIT_STOPPED, Trainer, caption_in_shares
+from .engine import EXIT_STOPPED, Interrupted, Trainer, caption_in_shares
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
+from .jobs import StopSignals, current_job, is_requeue_of
 from .families import load_family
 from .modeling import to_device
 from .precision import captioning_weights, resolve_precision, set_tf32
@@ -48,54 +49,79 @@ def _start(method, args, saved, log_name):
 def train_main(method, argv=None):
     parser = run_config.training_parser(f"Train a BLIP captioner ({method.name}) on VizWiz-Captions.")
     parser.add_argument("--fresh", action="store_true",
-                        help="start over even if --output-dir holds a run (deletes its state, metrics and best model)")
+                        help="start over even if --output-dir holds a run (deletes its state, metrics and best model); "
+                             "a requeued job resumes the run its first start began instead")
     parser.add_argument("--find-batch-size", nargs="?", type=int, const=256, metavar="START",
                         help="GPU, new runs: train with the largest --batch-size that fits, searched by halving from "
                              "START (256)")
     args = parser.parse_args(argv)
-    time_limit = _time_limit(args)
-    output_dir = _output_dir(method, args)
-    saved = run_config.load_saved(output_dir)
-    if saved:
-        run_config.check_method(saved, method, output_dir)
-    resuming = has_training_state(output_dir) and not args.fresh
-    config = _start(method, args, saved if resuming else None, "train.log")
-    if resuming:
-        log.info(f"{output_dir} holds a run: resuming it (pass --fresh to start over)")
-    elif args.find_batch_size:
-        if not main_process() or os.environ.get("WORLD_SIZE", "1") != "1":
-            raise UserError("--find-batch-size: search on one GPU (plain python -m ...), then launch the processes "
-                            "with the --batch-size it finds")
-        config.batch_size = find_batch_size(method, config, start=args.find_batch_size)
-    return _note_stop(Trainer(method, config, fresh=args.fresh, time_limit=time_limit).run())
+    with StopSignals() as stop:  # from here on a stop signal is a flag the run answers, also while the model loads
+        time_limit = _time_limit(args)
+        output_dir = _output_dir(method, args)
+        saved = run_config.load_saved(output_dir)
+        if saved:
+            run_config.check_method(saved, method, output_dir)
+        # SGE reruns a requeued job's command line as it was: its --fresh must not wipe what the job has done
+        requeued = args.fresh and saved is not None and is_requeue_of(saved.get("job"))
+        fresh = args.fresh and not requeued
+        resuming = has_training_state(output_dir) and not fresh
+        config = _start(method, args, saved if resuming else None, "train.log")
+        if requeued and resuming:
+            log.info(f"job {current_job()} was requeued: resuming the run it started in {output_dir} (--fresh starts "
+                     f"over only at a job's first start)")
+        elif resuming:
+            log.info(f"{output_dir} holds a run: resuming it (pass --fresh to start over)")
+        else:
+            config.job = current_job()
+            if args.find_batch_size:
+                if not main_process() or os.environ.get("WORLD_SIZE", "1") != "1":
+                    raise UserError("--find-batch-size: search on one GPU (plain python -m ...), then launch the "
+                                    "processes with the --batch-size it finds")
+                config.batch_size = find_batch_size(method, config, start=args.find_batch_size)
+        return _run(Trainer(method, config, fresh=fresh, time_limit=time_limit, stop=stop))
 
 
 @exit_on_user_error
 def resume_main(method, argv=None):
     parser = run_config.training_parser(f"Continue a {method.name} run from its output directory.")
     args = parser.parse_args(argv)
-    time_limit = _time_limit(args)
-    output_dir = _output_dir(method, args)
-    saved = run_config.load_saved(output_dir)
-    if saved is None or not has_training_state(output_dir):
-        raise UserError(f"{output_dir}: no training state to resume (no {run_config.CONFIG_FILE} and {STATE_DIR}/); "
-                        f"start a run with python -m src.{method.name}.train --output-dir {output_dir}")
-    config = _start(method, args, saved, "train.log")
-    return _note_stop(Trainer(method, config, time_limit=time_limit).run())
+    with StopSignals() as stop:
+        time_limit = _time_limit(args)
+        output_dir = _output_dir(method, args)
+        saved = run_config.load_saved(output_dir)
+        if saved is None or not has_training_state(output_dir):
+            raise UserError(f"{output_dir}: no training state to resume (no {run_config.CONFIG_FILE} and "
+                            f"{STATE_DIR}/); start a run with python -m src.{method.name}.train --output-dir {output_dir}")
+        config = _start(method, args, saved, "train.log")
+        return _run(Trainer(method, config, time_limit=time_limit, stop=stop))
 
 
-def _note_stop(status):
-    """Under torchrun a process's exit status does not reach the job (torchrun exits 1 for any failure): a run that
-    stopped to be resumed (EXIT_STOPPED: a signal or --time-limit) also says so in the file named by STOPPED_FILE,
-    which multi_gpu_train.sh sets, so that the job exits with 99 and SGE requeues it."""
+def _run(trainer):
+    """Run the training. Under torchrun a process's exit status does not reach the job (torchrun exits 1 for any
+    failure, and ends the other processes as soon as one exits): a run that stopped to be resumed (EXIT_STOPPED: a
+    signal or --time-limit) also says so in the file named by STOPPED_FILE, which multi_gpu_train.sh sets, so that
+    the job exits with 99 and SGE requeues it; no process exits before that note is written."""
+    status = trainer.run()
     marker = os.environ.get("STOPPED_FILE")
-    if status == EXIT_STOPPED and marker and main_process():
+    if status == EXIT_STOPPED and marker and trainer.processes.is_main:
         Path(marker).touch()
+    trainer.processes.wait()
     return status
 
 
 @exit_on_user_error
 def test_main(method, argv=None):
+    """Caption a split; a stop signal ends it early with EXIT_STOPPED (the requeued job captions it again)."""
+    with StopSignals() as stop:
+        try:
+            return _test(method, argv, stop)
+        except Interrupted:
+            log.info(f"received {stop.received}: captioning stopped, nothing written; exiting with status "
+                     f"{EXIT_STOPPED} (rerun the same command)")
+            return EXIT_STOPPED
+
+
+def _test(method, argv, stop):
     parser = run_config.training_parser(
         f"Caption the test (or val) split with a {method.name} run's best model. Training flags are accepted "
         f"(and ignored) so that one set of flags serves train, resume and test.",
@@ -136,7 +162,7 @@ def test_main(method, argv=None):
 
     def caption(settings, records=records):
         return caption_in_shares(processes, model, records, transform, family, settings, device, precision,
-                                 f"captioning {args.split}")
+                                 f"captioning {args.split}", stop=lambda: processes.sum([bool(stop.received)])[0] > 0)
 
     if args.tune_decoding:
         return _tune_decoding(config, output_dir, checkpoint, records, references, caption, processes.is_main)

@@ -60,7 +60,8 @@ def java_available():
     if shutil.which("java") is None:
         return False
     try:
-        return subprocess.run(["java", "-version"], capture_output=True, timeout=30).returncode == 0
+        return subprocess.run(["java", "-version"], capture_output=True, timeout=30,
+                              start_new_session=True).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -167,7 +168,8 @@ def java_tokenize(captions):
     try:
         result = subprocess.run(["java", "-cp", ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR,
                                  "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", f.name],
-                                cwd=jar_dir, capture_output=True)
+                                cwd=jar_dir, capture_output=True,
+                                start_new_session=True)  # the job's group signals are the run's to handle
     finally:
         os.remove(f.name)
     if result.returncode != 0:
