@@ -6,9 +6,13 @@
 # Resource names (-l gpu=1, -pe smp) differ between clusters: check `qconf -sc` / your site's docs.
 #
 # Preemption and time limits: with -notify, SGE sends SIGUSR1 before suspending and SIGUSR2 before
-# killing the job (SIGTERM/SIGINT work too). The run finishes its step, saves its full state in
-# <output-dir>/state and exits with status 99, which tells SGE to requeue the job; the requeued job
-# resumes by itself. To resubmit by hand, run the same qsub command again (add --fresh to start over).
+# killing the job, to the job's whole process group (SIGTERM/SIGINT work too, to the group or to python alone).
+# The run finishes its step (or stops between validation batches; a validation being scored is completed), saves
+# its full state in <output-dir>/state and exits with status 99, which tells SGE to requeue the job. DataLoader
+# workers and the Java scorers ignore those signals and live on until the run ends them. The requeued job reruns
+# this same command line and resumes the run by itself, --fresh included: --fresh starts over only at a job's first
+# start (the run records the JOB_ID that began it). To start over, submit a new job with --fresh (qsub ft_train.sh
+# --fresh ...), or use another --output-dir. A second run in the same --output-dir is refused (its .lock).
 # Run-time limit: the job passes its own h_rt (as qstat shows it, so `qsub -l h_rt=...` counts too; else
 # TIME_LIMIT below) to --time-limit: the run saves its state and exits with 99 before h_rt, while a step or a
 # validation and one more save still fit (measured as it goes). Keep TIME_LIMIT equal to the h_rt line.
