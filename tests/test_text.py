@@ -6,6 +6,7 @@ prices, times, brand names) is encoded as training encodes it, decoded as valida
 generated tokens (Family.decode), and both are tokenised by the Java PTB tokenizer the challenge server uses.
 """
 import json
+import shutil
 
 import pytest
 import torch
@@ -31,11 +32,15 @@ def hard_captions():
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+def family_of(tokenizer_dir):
+    from transformers import BlipConfig
+    tokenizer = BertTokenizer.from_pretrained(tokenizer_dir)
+    return Blip(BlipConfig.from_pretrained(HUB_BASE), type("Processor", (), {"tokenizer": tokenizer})())
+
+
 @pytest.fixture(scope="module")
 def blip_family():
-    from transformers import BlipConfig
-    tokenizer = BertTokenizer.from_pretrained(HUB_BASE)
-    return Blip(BlipConfig.from_pretrained(HUB_BASE), type("Processor", (), {"tokenizer": tokenizer})())
+    return family_of(HUB_BASE)
 
 
 def round_trip(family, captions):
@@ -70,6 +75,17 @@ def test_decode_drops_the_prefix_and_everything_from_the_end_token(blip_family):
     assert blip_family.decode(after_end) == ["a person's t-shirt"]
     no_end = [ids[:-1] + [2001, 2002]]  # cut at the length limit: everything generated counts
     assert blip_family.decode(no_end)[0].startswith("a person's t-shirt ") and len(blip_family.decode(no_end)[0]) > 20
+
+
+def test_a_tokenizer_saved_by_transformers_4_decodes_the_same(blip_family, tmp_path):
+    """transformers 4.x wrote `clean_up_tokenization_spaces: true` into tokenizer_config.json; decoding pins it off."""
+    shutil.copytree(HUB_BASE, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    old = family_of(tmp_path)
+    assert old.tokenizer.clean_up_tokenization_spaces  # the setting is read: the check below tests the pin
+    captions = sample_captions() + hard_captions()
+    assert round_trip(old, captions) == round_trip(blip_family, captions)
 
 
 def test_tidy_caption_joins_only_inside_words():

@@ -75,7 +75,9 @@ class Family:
             words = row[len(self.prefix):]
             if self.end_id in words:
                 words = words[: words.index(self.end_id)]
-            captions.append(self.tidy(self.tokenizer.decode(words, skip_special_tokens=True)))
+            # pinned off: tokenizers saved by transformers 4.x turn it on, merging "says ' open ' on" to "says'open'on"
+            text = self.tokenizer.decode(words, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            captions.append(self.tidy(text))
         return captions
 
     def tidy(self, text):
