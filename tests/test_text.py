@@ -15,7 +15,7 @@ from transformers import BertTokenizer
 from conftest import REPO, SAMPLE
 from src.base.families.blip import Blip
 from src.base.ptb import java_available, tokenize
-from src.base.text import tidy_caption
+from src.base.text import tidy_caption, training_caption
 
 HUB_BASE = REPO.parent / "shared" / "hub_files" / "blip-image-captioning-base"
 # What still differs, and why: BERT's uncased tokenizer strips accents and case, which PTB sometimes needs
@@ -99,3 +99,8 @@ def test_tidy_caption_joins_only_inside_words():
     assert tidy_caption("l ' oreal and o ' doul ' s") == "l'oreal and o'doul's"
     assert tidy_caption("made in the u. s. a., not the u. k.") == "made in the u.s.a., not the u.k."
 
+
+def test_a_standing_dash_is_trained_as_one_ptb_drops_and_a_hyphen_as_written():
+    assert training_caption("a remote - samsung, 20 - 30 minutes") == "a remote \u2014 samsung, 20 \u2014 30 minutes"
+    unchanged = "a t-shirt, 20-30 minutes, -5 degrees -- cold"
+    assert training_caption(unchanged) == unchanged

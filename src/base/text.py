@@ -10,6 +10,7 @@ against references tokenised "person 's ... t-shirt": every n-gram across those 
 apostrophes in names (l'oreal), hyphens and slashes between word characters, decimal points, thousands
 separators and clock times between digits, ampersands in short names (AT&T), dotted initialisms (u.s.a.),
 and puts sentence punctuation back against the word before it (which PTB treats the same either way).
+What the tokens cannot tell apart, `training_caption` keeps apart in the text the model learns from.
 tests/test_text.py measures the round trip on the real sample captions and hard cases.
 """
 import re
@@ -40,3 +41,15 @@ def tidy_caption(text):
     text = BEFORE_PUNCTUATION.sub(r"\1", text)
     return AFTER_BRACKET.sub(r"\1", text)
 
+
+# A dash standing between words or numbers ("remote control - samsung", "20 - 30") and a hyphen inside one
+# ("control-samsung", "20-30") give the same tokens, but PTB drops the first ("control samsung", "20 30") and keeps
+# the second in its word. tidy_caption joins them, as "t-shirt" needs; the standing dash is written as an em dash
+# for training, which PTB drops as well ("--"), so a model trained on it writes the two apart.
+STANDING_DASH = re.compile(r"(?<!\S)-(?!\S)")
+
+
+def training_caption(caption):
+    """A reference caption as the model learns it: what tidy_caption could not tell apart once tokenised, written
+    apart, with the same PTB tokens."""
+    return STANDING_DASH.sub("\u2014", caption)  # em dash
