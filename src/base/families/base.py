@@ -13,7 +13,7 @@ and `decode` drops them, so a prompt never reaches a written or scored caption.
 import torch
 import torch.nn.functional as F
 
-from ..text import tidy_caption
+from ..text import tidy_caption, training_caption
 
 
 class Family:
@@ -64,7 +64,13 @@ class Family:
         """Token ids of each caption as the model is trained on it: prefix, words, end token, at most `max_tokens`
         in all (longer captions lose words, never the end token)."""
         room = max(1, max_tokens - len(self.prefix) - 1)
-        return [self.prefix + ids[:room] + [self.end_id] for ids in self.word_ids(captions)]
+        words = self.word_ids([self.training_text(c) for c in captions])
+        return [self.prefix + ids[:room] + [self.end_id] for ids in words]
+
+    def training_text(self, caption):
+        """The text a reference caption is trained as: what tidy could not tell apart once tokenised is written
+        apart, with the same PTB tokens (see text.py). Families whose tokenizer round-trips text override this."""
+        return training_caption(caption)
 
     def decode(self, sequences):
         """Caption text of each generated or sampled sequence (prefix included): the prefix and everything from the
@@ -75,7 +81,9 @@ class Family:
             words = row[len(self.prefix):]
             if self.end_id in words:
                 words = words[: words.index(self.end_id)]
-            captions.append(self.tidy(self.tokenizer.decode(words, skip_special_tokens=True)))
+            # pinned off: tokenizers saved by transformers 4.x turn it on, merging "says ' open ' on" to "says'open'on"
+            text = self.tokenizer.decode(words, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            captions.append(self.tidy(text))
         return captions
 
     def tidy(self, text):

@@ -8,7 +8,7 @@ Too large to train every weight on one GPU (3.9B parameters): src.peft only (LoR
 Tokens are OPT's (GPT-2 byte-level BPE): a caption starts with `</s>` (text_config.bos_token_id, 2, which OPT's
 tokenizer prepends) and ends with what generation stops at, text_config.eos_token_id: 50118, the newline, in
 blip2-opt-2.7b's config, as BLIP-2 was trained (LAVIS appends "\\n" to every caption). The tokenizer round-trips
-text, so decoded captions are only stripped.
+text, so captions are trained as written and decoded captions are only stripped.
 """
 import torch
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -66,6 +66,9 @@ class Blip2(Family):
         """Token ids generation must not choose: the <image> placeholder (a caption never holds one)."""
         image_token = getattr(self.config, "image_token_index", None)
         return [image_token] if image_token is not None else []
+
+    def training_text(self, caption):
+        return caption
 
     def tidy(self, text):
         return " ".join(text.split())
