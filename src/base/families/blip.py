@@ -28,6 +28,7 @@ class Blip(Family):
     name = "BLIP"
     model_types = ("blip",)
     lora_targets = ("query", "value")   # the text decoder's self- and cross-attention projections
+    checkpoints = ("Salesforce/blip-image-captioning-base", "Salesforce/blip-image-captioning-large")
 
     @classmethod
     def load_model(cls, checkpoint, fused_attention=True):

@@ -29,6 +29,7 @@ class Blip2(Family):
     model_types = ("blip-2",)
     lora_targets = ("q_proj", "v_proj")   # OPT's self-attention only (the ViT uses qkv, the Q-Former query/value)
     full_fine_tuning = False
+    checkpoints = ("Salesforce/blip2-opt-2.7b",)
 
     @classmethod
     def load_model(cls, checkpoint):

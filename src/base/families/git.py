@@ -18,6 +18,7 @@ class Git(Family):
     name = "GIT"
     model_types = ("git",)
     lora_targets = ("query", "value")   # the text transformer's self-attention (the CLIP encoder's are q_proj/v_proj)
+    checkpoints = ("microsoft/git-base", "microsoft/git-large-textcaps")
 
     @classmethod
     def load_model(cls, checkpoint):
