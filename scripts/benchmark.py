@@ -19,7 +19,8 @@ Shapes (--shape; default: the family's "CPU default" on the CPU, the "GPU defaul
                | large (git-large: CLIP ViT-L/14, 6 text layers of 1024); 224 px
   blip2   tiny | small (ViT 6 layers of 384, Q-Former 4 layers of 384, OPT 4 layers of 512: CPU default)
                | opt-2.7b (blip2-opt-2.7b: ViT-g/14, Q-Former, OPT-2.7b: GPU default); 224 px
-BLIP-2 always trains LoRA (its family's default targets; as src.peft, never every weight), in bf16 weights on a GPU.
+BLIP-2 always trains LoRA (its family's default targets; as src.peft, never every weight), on a GPU with bf16
+weights except the Q-Former and its query tokens (as --precision bf16-weights).
 For GIT and BLIP-2 only our path is timed: the original template was BLIP's.
 
   original  padding="max_length" (512 tokens), labels include the padding, fp32, one random caption
@@ -54,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.cache_images import build_cache  # noqa: E402
 from src.base.data import CaptionCollator, ImageRecord, ImageTransform, default_num_workers, load_image  # noqa: E402
 from src.base.engine import LossModule, caption_records, training_step  # noqa: E402
-from src.base.precision import MasterWeights  # noqa: E402
+from src.base.precision import MasterWeights, to_bf16_weights  # noqa: E402
 from src.base.families import Blip, Blip2, Git  # noqa: E402
 from src.base.families.blip import use_fused_attention  # noqa: E402
 from src.base.objectives import CrossEntropy  # noqa: E402
@@ -175,8 +176,8 @@ def build_model(args, device, lora, fused):
     with torch.device(device):
         model = model_class(config)
     family_class = FAMILIES[args.family]
-    if args.family == "blip2" and device.type == "cuda":  # as Blip2.load_model: half-precision weights on a GPU
-        model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if args.family == "blip2" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        to_bf16_weights(model)  # as a BLIP-2 run with --precision bf16-weights: Q-Former and query tokens fp32
     if fused and args.family == "blip":
         use_fused_attention(model)
     if lora or not family_class.full_fine_tuning:

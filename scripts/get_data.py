@@ -2,6 +2,7 @@
 
     python scripts/get_data.py --checkpoints          # DATA_DIR (data/vizwiz), every split, and the checkpoints
     python scripts/get_data.py --data-dir /scratch/you/vizwiz --splits train val
+    python scripts/get_data.py --checkpoints all      # also every family's checkpoints (BLIP, GIT, BLIP-2)
 
 From VIZWIZ_URL (src/base/constants.py) it fetches caption/annotations.zip and images/<split>.zip
 into <data-dir>/downloads/, resuming an interrupted download where it stopped, and unpacks them
@@ -17,8 +18,11 @@ against the zip's CRC-32s while unpacking. The sha256 of each archive is written
 (<archive>.sha256; a rerun checks a kept archive against it) and into the .done marker.
 
 --checkpoints also fetches HUB_CHECKPOINTS (default: FT_CHECKPOINT and PEFT_CHECKPOINT) into the
-Hugging Face cache (HF_HOME): config, safetensors weights, tokenizer and processor files. A token,
-if you need one, is read from HF_TOKEN in the environment, never from a file.
+Hugging Face cache (HF_HOME); `--checkpoints all` those and every family's (families/*.py `checkpoints`);
+`--checkpoints NAME[,NAME...]` those hub names. Of each: config, tokenizer and processor files and one
+copy of the weights (safetensors where the repository has them, else PyTorch's .bin; sharded ones
+with their index), never other frameworks' (TensorFlow, Flax, ONNX). A token, if you need one, is
+read from HF_TOKEN in the environment, never from a file.
 """
 import argparse
 import hashlib
@@ -34,19 +38,21 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import list_repo_files, snapshot_download
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.base import constants as C  # noqa: E402
 from src.base.data import SPLITS, BadImage, annotation_path, default_num_workers, load_image, load_split  # noqa: E402
+from src.base.families import FAMILIES  # noqa: E402
 from src.base.helpers import (UserError, exit_on_user_error, log, recover_dir, replace_dir_atomic,  # noqa: E402
                               setup_logging, write_json_atomic)
 
 ANNOTATIONS_ARCHIVE = "caption/annotations.zip"  # annotations/{train,val,test}.json
 IMAGES_ARCHIVE = "images/{split}.zip"            # <split>/VizWiz_<split>_00000000.jpg ...
-# What from_pretrained reads; not the pickled .bin nor the TensorFlow weights the BLIP repositories also hold.
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# Besides the weights, what from_pretrained reads: configs, tokenizer and processor files (vocab.txt, merges.txt,
+# SentencePiece's .model).
+SETTINGS_FILES = (".json", ".txt", ".model")
 TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
 BAD_IMAGES_SHOWN = 20
@@ -282,9 +288,29 @@ def get_split(split, data_dir, downloads, workers, keep_archive):
 
 # ---------------------------------------------------------------- checkpoints
 
-def hub_checkpoints():
-    """HUB_CHECKPOINTS as a list, without repeats."""
-    return list(dict.fromkeys(name.strip() for name in C.HUB_CHECKPOINTS.split(",") if name.strip()))
+def hub_checkpoints(choice=""):
+    """The checkpoints `--checkpoints choice` names, without repeats: HUB_CHECKPOINTS for "", those and every
+    family's for "all", else the comma-separated names given."""
+    if choice == "all":
+        names = [*C.HUB_CHECKPOINTS.split(","), *(name for family in FAMILIES for name in family.checkpoints)]
+    else:
+        names = (choice or C.HUB_CHECKPOINTS).split(",")
+    names = list(dict.fromkeys(name.strip() for name in names if name.strip()))
+    if not names:
+        raise UserError(f"--checkpoints {choice!r}: names no checkpoint (give all, or hub names separated by commas)")
+    return names
+
+
+def checkpoint_files(name, repo_files):
+    """Which of the hub repository `name`'s files to fetch: the settings files and one copy of the weights, safetensors
+    if it has them, else PyTorch's .bin (transformers reads those with torch.load(weights_only=True): tensors only).
+    Sharded weights come with their index; other frameworks' weights and files in folders are left out."""
+    top = [f for f in repo_files if "/" not in f]
+    weights = ".safetensors" if any(f.endswith(".safetensors") for f in top) else ".bin"
+    if not any(f.endswith(weights) for f in top):
+        raise UserError(f"checkpoint {name}: the hub repository has no PyTorch weights (no .safetensors or .bin file)")
+    return [f for f in top if f.endswith((weights, f"{weights}.index.json"))
+            or (f.endswith(SETTINGS_FILES) and not f.endswith(".index.json"))]
 
 
 def fetch_checkpoints(names):
@@ -294,11 +320,12 @@ def fetch_checkpoints(names):
             log.info(f"{name}: a local directory, nothing to fetch")
             continue
         try:
-            path = snapshot_download(name, allow_patterns=CHECKPOINT_FILES, token=token)
+            files = checkpoint_files(name, list_repo_files(name, token=token))
+            path = snapshot_download(name, allow_patterns=files, token=token)
         except (OSError, ValueError) as error:  # the hub's HTTP and offline errors are OSErrors
             reason = " ".join(str(error).split())
             raise UserError(f"cannot fetch checkpoint {name} from the Hugging Face hub: {reason}")
-        log.info(f"{name}: {path}")
+        log.info(f"{name}: {', '.join(files)} in {path}")
 
 
 @exit_on_user_error
@@ -306,7 +333,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=C.DATA_DIR, help="where the VizWiz layout goes (default: DATA_DIR)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
-    parser.add_argument("--checkpoints", action="store_true", help="also fetch HUB_CHECKPOINTS into the HF cache")
+    parser.add_argument("--checkpoints", nargs="?", const="", metavar="all|NAME[,NAME...]",
+                        help="also fetch checkpoints into the HF cache: HUB_CHECKPOINTS (no value), those and every "
+                             "family's (all), or these hub names")
     parser.add_argument("--keep-archives", action="store_true", help="keep the zip files in <data-dir>/downloads/")
     parser.add_argument("--workers", type=int, default=default_num_workers(), help="threads decoding images")
     args = parser.parse_args(argv)
@@ -314,8 +343,8 @@ def main(argv=None):
     data_dir = Path(args.data_dir)
     downloads = data_dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    if args.checkpoints:
-        fetch_checkpoints(hub_checkpoints())
+    if args.checkpoints is not None:
+        fetch_checkpoints(hub_checkpoints(args.checkpoints))
     get_annotations(data_dir, downloads, args.splits, args.keep_archives)
     for split in args.splits:
         get_split(split, data_dir, downloads, args.workers, args.keep_archives)

@@ -166,6 +166,17 @@ def test_lora_learns_and_test_writes_one_caption_per_image(blip2_peft_run, demo_
     assert_test_writes_one_caption_per_image("peft", blip2_peft_run, demo_data)
 
 
+def test_the_logs_say_what_each_part_holds_its_weights_in(blip2_peft_run, demo_data, tmp_path):
+    """One line in train.log and test.log: the dtype of each part's weights and the autocast, as --precision made them
+    (bf16-weights keeps the Q-Former and query tokens fp32, as transformers' _keep_in_fp32_modules ask)."""
+    everything = "query_tokens, vision_model, qformer, language_projection, language_model"
+    assert f"precision fp32: {everything} in fp32 (no autocast)\n" in (blip2_peft_run / "train.log").read_text()
+    run_module("src.peft.test", "--output-dir", tmp_path, "--checkpoint", blip2_peft_run / "best_model",
+               "--data-dir", demo_data, *FAST, "--precision", "bf16-weights")
+    assert ("precision bf16-weights: query_tokens, qformer in fp32; vision_model, language_projection, language_model "
+            "in bf16 (bf16 autocast)\n") in (tmp_path / "test.log").read_text()
+
+
 def test_scst_runs_and_logs_its_reward(blip2_peft_run, demo_data, tmp_path):
     metrics = short_scst_run(blip2_peft_run / "best_model", demo_data, tmp_path)
     assert [m["step"] for m in metrics] == [2]

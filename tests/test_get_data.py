@@ -1,5 +1,4 @@
 """scripts/get_data.py against a local HTTP server that serves small archives in the real VizWiz layout."""
-import fnmatch
 import hashlib
 import io
 import json
@@ -257,43 +256,110 @@ def test_not_enough_disk_space_stops_before_downloading(server, tmp_path, capsys
     assert not any((tmp_path / "downloads").iterdir())
 
 
-class FakeHub:
-    def __init__(self, error=None):
-        self.calls, self.error = [], error
+# Repository listings as the hub gives them (list_repo_files), and what of each from_pretrained needs offline.
+BLIP_FILES = [".gitattributes", "README.md", "config.json", "model.safetensors", "preprocessor_config.json",
+              "pytorch_model.bin", "special_tokens_map.json", "tf_model.h5", "tokenizer.json", "tokenizer_config.json",
+              "vocab.txt"]
+BLIP_CHOSEN = ["config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
+               "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+REPOSITORIES = {
+    "only .bin weights": (  # microsoft/git-base's kind
+        [".gitattributes", "README.md", "config.json", "preprocessor_config.json", "pytorch_model.bin",
+         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"],
+        ["config.json", "preprocessor_config.json", "pytorch_model.bin", "special_tokens_map.json", "tokenizer.json",
+         "tokenizer_config.json", "vocab.txt"]),
+    "safetensors, .bin and TensorFlow": (BLIP_FILES, BLIP_CHOSEN),
+    "sharded safetensors and .bin": (  # Salesforce/blip2-opt-2.7b's kind
+        ["README.md", "added_tokens.json", "config.json", "generation_config.json", "merges.txt",
+         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+         "preprocessor_config.json", "processor_config.json", "pytorch_model-00001-of-00002.bin",
+         "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "special_tokens_map.json",
+         "tokenizer.json", "tokenizer_config.json", "vocab.json"],
+        ["added_tokens.json", "config.json", "generation_config.json", "merges.txt", "model-00001-of-00002.safetensors",
+         "model-00002-of-00002.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
+         "processor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]),
+    "sharded .bin beside Flax, TensorFlow and ONNX": (
+        ["config.json", "flax_model.msgpack", "onnx/config.json", "onnx/model.onnx", "pytorch_model-00001-of-00003.bin",
+         "pytorch_model-00002-of-00003.bin", "pytorch_model-00003-of-00003.bin", "pytorch_model.bin.index.json",
+         "rust_model.ot", "spiece.model", "tf_model.h5", "tokenizer_config.json"],
+        ["config.json", "pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin",
+         "pytorch_model-00003-of-00003.bin", "pytorch_model.bin.index.json", "spiece.model", "tokenizer_config.json"]),
+}
 
-    def __call__(self, name, **kwargs):
-        self.calls.append((name, kwargs))
+
+class FakeHub:
+    """The hub's list_repo_files and snapshot_download, for repositories holding `files` (name -> listing; BLIP's
+    listing for any other name); records each call's (name, keyword arguments). `error`: what the hub raises."""
+
+    def __init__(self, monkeypatch, error=None, files=None):
+        self.calls, self.listed, self.error, self.files = [], [], error, files or {}
+        monkeypatch.setattr(get_data, "list_repo_files", self.list_repo_files)
+        monkeypatch.setattr(get_data, "snapshot_download", self.snapshot_download)
+
+    def list_repo_files(self, name, **kwargs):
+        self.listed.append((name, kwargs))
         if self.error:
             raise self.error
+        return self.files.get(name, BLIP_FILES)
+
+    def snapshot_download(self, name, **kwargs):
+        self.calls.append((name, kwargs))
         return f"/hf-cache/{name}"
 
 
 def test_checkpoints_are_the_configured_names_with_the_environment_token(server, tmp_path, monkeypatch):
-    hub = FakeHub()
-    monkeypatch.setattr(get_data, "snapshot_download", hub)
+    hub = FakeHub(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
     _run(tmp_path, "--splits", "val", "--checkpoints")
     assert [name for name, _ in hub.calls] == ["Salesforce/blip-image-captioning-base",
                                                "Salesforce/blip-image-captioning-large"]
-    for _, kwargs in hub.calls:
+    for _, kwargs in hub.calls + hub.listed:
         assert kwargs["token"] == "hf_from_the_environment"
-        wanted = lambda file: any(fnmatch.fnmatch(file, p) for p in kwargs["allow_patterns"])  # noqa: E731
-        assert all(map(wanted, ["config.json", "model.safetensors", "vocab.txt", "preprocessor_config.json"]))
-        assert not any(map(wanted, ["pytorch_model.bin", "tf_model.h5"]))  # never a pickle
+    for _, kwargs in hub.calls:  # safetensors, not the pickled .bin beside them, nor TensorFlow's weights
+        assert kwargs["allow_patterns"] == BLIP_CHOSEN
+
+
+@pytest.mark.parametrize("choice, names", [
+    ("all", ["Salesforce/blip-image-captioning-base", "Salesforce/blip-image-captioning-large", "microsoft/git-base",
+             "microsoft/git-large-textcaps", "Salesforce/blip2-opt-2.7b"]),
+    ("microsoft/git-base, Salesforce/blip2-opt-2.7b,microsoft/git-base", ["microsoft/git-base",
+                                                                         "Salesforce/blip2-opt-2.7b"])])
+def test_checkpoints_all_fetches_every_familys_and_names_fetch_those(choice, names, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    get_data.fetch_checkpoints(get_data.hub_checkpoints(choice))
+    assert [name for name, _ in hub.calls] == names
+
+
+@pytest.mark.parametrize("kind", REPOSITORIES)
+def test_one_copy_of_the_weights_safetensors_first_with_the_settings_files(kind, monkeypatch):
+    listing, chosen = REPOSITORIES[kind]
+    hub = FakeHub(monkeypatch, files={"someone/model": listing})
+    get_data.fetch_checkpoints(["someone/model"])
+    assert hub.calls == [("someone/model", {"allow_patterns": chosen, "token": False})]
 
 
 def test_checkpoints_skip_local_directories_and_never_read_a_token_file(tmp_path, monkeypatch):
-    hub = FakeHub()
-    monkeypatch.setattr(get_data, "snapshot_download", hub)
+    hub = FakeHub(monkeypatch)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     other = "Salesforce/blip-itm-base-coco"
     monkeypatch.setattr(constants, "HUB_CHECKPOINTS", f"{tmp_path}, {other},{other}")
     get_data.fetch_checkpoints(get_data.hub_checkpoints())
-    assert hub.calls == [(other, {"allow_patterns": get_data.CHECKPOINT_FILES, "token": False})]
+    assert hub.listed == [(other, {"token": False})]
+    assert hub.calls == [(other, {"allow_patterns": BLIP_CHOSEN, "token": False})]
 
 
 def test_unreachable_hub_fails_in_one_line_naming_the_checkpoint(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(get_data, "snapshot_download", FakeHub(OSError("cannot reach the hub\nplease check")))
+    FakeHub(monkeypatch, error=OSError("cannot reach the hub\nplease check"))
     line = _error_line(capsys, tmp_path, "--checkpoints")
     assert line == ("error: cannot fetch checkpoint Salesforce/blip-image-captioning-base from the Hugging Face hub: "
                     "cannot reach the hub please check")
+
+
+@pytest.mark.parametrize("choice, error", [
+    ("someone/tf-only", "checkpoint someone/tf-only: the hub repository has no PyTorch weights (no .safetensors or "
+                        ".bin file)"),
+    (" , ", "--checkpoints ' , ': names no checkpoint (give all, or hub names separated by commas)")])
+def test_a_checkpoint_without_pytorch_weights_or_no_name_fails_in_one_line(choice, error, tmp_path, monkeypatch,
+                                                                           capsys):
+    FakeHub(monkeypatch, files={"someone/tf-only": ["config.json", "tf_model.h5", "flax_model.msgpack"]})
+    assert _error_line(capsys, tmp_path, "--checkpoints", choice) == f"error: {error}"

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 from conftest import FAST, OTHER_SET_CE, family_caption_batch, read_metrics, run_module
 from src.base.engine import LossModule, _optimizer, training_step
 from src.base.families import load_captioner, load_family
+from src.base.families.blip2 import QFORMER_LORA_TARGETS
+from src.base.lora import add_lora
 from src.base.objectives import CrossEntropy
-from src.base.precision import MasterWeights, resolve_precision
+from src.base.precision import MasterWeights, captioning_weights, describe_weights, resolve_precision
 
 
 def test_master_copies_keep_updates_that_bf16_weights_would_round_away():
@@ -114,3 +116,68 @@ def test_the_cpu_runs_what_is_asked_except_fp16():
     cpu = torch.device("cpu")
     assert [resolve_precision(p, cpu) for p in ["auto", "fp32", "bf16", "bf16-weights", "fp16"]] == \
         ["fp32", "fp32", "bf16", "bf16-weights", "fp32"]
+
+
+@pytest.fixture
+def seems_a_gpu(monkeypatch):
+    """Loading as on a bf16 GPU (only the load asks; the model stays on the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+
+@pytest.mark.parametrize("family", ["blip", "git", "blip2"])
+def test_weights_load_in_fp32_whatever_the_device_and_the_saved_dtype(family, request, seems_a_gpu, tmp_path):
+    """--precision decides what becomes bf16, after loading: a checkpoint saved in bf16 (transformers 5 would load it
+    as saved) and a GPU (BLIP-2 used to load bf16 on any GPU) still give fp32 weights."""
+    load_captioner(request.getfixturevalue(f"tiny_{family}")).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert {p.dtype for p in load_captioner(str(tmp_path)).parameters()} == {torch.float32}
+
+
+def _bf16_parts(model):
+    """The top-level parts of a BLIP-2 holding any bf16 weight."""
+    return {name.split(".")[0] for name, p in model.named_parameters() if p.dtype == torch.bfloat16}
+
+
+BLIP2_PARTS = {"vision_model", "query_tokens", "qformer", "language_projection", "language_model"}
+
+
+def test_bf16_weights_keep_what_transformers_keeps_in_fp32(tiny_blip2):
+    """BLIP-2's Q-Former and query tokens (its _keep_in_fp32_modules) stay fp32 under bf16-weights, LoRA adapters in
+    the Q-Former included; the master copies of every trainable weight are fp32, and a training step updates them."""
+    family = load_family(tiny_blip2)
+    model = add_lora(load_captioner(tiny_blip2), 4, 8, 0.0, list(QFORMER_LORA_TARGETS))
+    master = MasterWeights(model)
+    core = model.get_base_model()
+    assert _bf16_parts(core) == BLIP2_PARTS - {"qformer", "query_tokens"}
+    assert {p.dtype for p in core.qformer.parameters()} == {torch.float32} and core.query_tokens.dtype == torch.float32
+    trainable = {name.split(".")[0]: p.dtype for name, p in core.named_parameters() if p.requires_grad}
+    assert trainable == {"qformer": torch.float32, "language_model": torch.bfloat16}
+    assert {m.dtype for m in master.parameters()} == {torch.float32}
+
+    before = [m.detach().clone() for m in master.parameters()]
+    optimizer = torch.optim.SGD(master.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    batch = family_caption_batch(family, [2, 1], ["a", "cat", "on", "the", "mat"])
+    loss, _ = training_step(LossModule(model), batch, optimizer, scheduler, None, "bf16-weights", torch.device("cpu"),
+                            1.0, CrossEntropy(family), master=master)
+    assert torch.isfinite(torch.tensor(loss))
+    moved = {name.split(".")[2] for (name, _), m, b in zip(master.trainable, master.parameters(), before)
+             if not torch.equal(m, b)}
+    assert moved == {"qformer", "language_model"}  # the fp32 adapters in the Q-Former learn too
+
+    captioner = captioning_weights(load_captioner(tiny_blip2), "bf16-weights")  # as test captions
+    assert _bf16_parts(captioner) == BLIP2_PARTS - {"qformer", "query_tokens"}
+
+
+@pytest.mark.parametrize("precision, line", [
+    ("fp32", "query_tokens, vision_model, qformer, language_projection, language_model in fp32 (no autocast)"),
+    ("bf16", "query_tokens, vision_model, qformer, language_projection, language_model in fp32 (bf16 autocast)"),
+    ("fp16", "query_tokens, vision_model, qformer, language_projection, language_model in fp32 (fp16 autocast)"),
+    ("bf16-weights", "query_tokens, qformer in fp32; vision_model, language_projection, language_model in bf16 "
+                     "(bf16 autocast)")])
+def test_the_log_says_what_each_part_holds_its_weights_in(precision, line, tiny_blip2, seems_a_gpu):
+    """On a GPU (BLIP-2 used to load bf16 weights on any GPU, whatever --precision said)."""
+    model = load_captioner(tiny_blip2)
+    if precision == "bf16-weights":
+        MasterWeights(model)
+    assert describe_weights(captioning_weights(model, precision), precision) == f"precision {precision}: {line}"

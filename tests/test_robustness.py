@@ -22,6 +22,7 @@ from conftest import (FAST, REPO, RUN, SAMPLE, comparable_metrics as _comparable
 from scripts.make_demo_assets import make_dataset
 from src.base.config import resolve, training_parser
 from src.base.engine import EXIT_NONFINITE, EXIT_STOPPED, Trainer
+from src.base.families.blip2 import QFORMER_LORA_TARGETS
 from src.base.precision import tf32_allowed
 from src.base.helpers import setup_logging
 from src.base.main import resume_main, train_main
@@ -73,14 +74,17 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, me
                              random.Random().randint(5, 45), 60)
 
 
-@pytest.mark.parametrize("family, method, precision", [("git", "ft", "fp32"), ("blip2", "peft", "fp32"),
-                                                       ("blip", "ft", "bf16-weights")])
+@pytest.mark.parametrize("family, method, precision, more", [
+    ("git", "ft", "fp32", []), ("blip", "ft", "bf16-weights", []),
+    ("blip2", "peft", "bf16-weights", ["--lora-targets", ",".join(QFORMER_LORA_TARGETS)])])
 def test_other_families_and_precisions_resume_exactly_after_sigkill(tmp_path, request, family, method, precision,
-                                                                     demo_data):
+                                                                     more, demo_data):
     """The engine's resume is family-agnostic; checked on a tiny GIT (full fine-tuning) and a tiny BLIP-2 (LoRA).
-    bf16-weights resumes from the fp32 master copies it saved (from their bf16 rounding, it would drift)."""
+    bf16-weights resumes from the fp32 master copies it saved (from their bf16 rounding, it would drift), BLIP-2's
+    with adapters in its Q-Former too, whose weights stay fp32 beside the bf16 rest."""
     checkpoint = request.getfixturevalue(f"tiny_{family}")
-    extra = ["--max-steps", "16", "--eval-every", "8", "--save-every", "2", "--lr", "1e-2", "--precision", precision]
+    extra = ["--max-steps", "16", "--eval-every", "8", "--save-every", "2", "--lr", "1e-2", "--precision", precision,
+             *more]
     straight = tmp_path / "straight"
     run_module(f"src.{method}.train", *_argv(demo_data, checkpoint, straight, *extra))
     _kill_resume_and_compare(method, demo_data, checkpoint, tmp_path / "run", straight, random.Random().randint(2, 10),

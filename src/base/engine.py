@@ -32,7 +32,7 @@ from .helpers import UserError, log, process_seed, rng_state, seed_everything
 from .jobs import RunLock, StopSignals
 from .modeling import enable_activation_checkpointing, parameter_summary, to_device
 from .objectives import make_objective
-from .precision import MasterWeights, autocast, full_precision, resolve_precision, set_tf32
+from .precision import MasterWeights, autocast, describe_weights, full_precision, resolve_precision, set_tf32
 
 METRICS_FILE = "metrics.jsonl"
 EXIT_STOPPED = 99     # stopped by a signal or --time-limit, state saved; SGE requeues a job that exits with 99
@@ -267,6 +267,7 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         # bf16-weights: the model's weights become bf16, the optimizer steps fp32 copies (before compile and DDP)
         self.master = MasterWeights(self.model) if self.precision == "bf16-weights" else None
+        log.info(describe_weights(self.model, self.precision))
         self.objective = make_objective(config, self.train_records, self.family)
         loss_model = LossModule(self.model)
         if config.compile:  # the training loss only (caption lengths vary: dynamic shapes); generation runs eagerly

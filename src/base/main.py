@@ -16,7 +16,7 @@ from .helpers import UserError, exit_on_user_error, log, setup_logging, write_js
 from .jobs import StopSignals, current_job, is_requeue_of
 from .families import load_family
 from .modeling import to_device
-from .precision import captioning_weights, resolve_precision, set_tf32
+from .precision import captioning_weights, describe_weights, resolve_precision, set_tf32
 from .profiling import find_batch_size
 
 def _output_dir(method, args):
@@ -154,6 +154,7 @@ def _test(method, argv, stop):
     set_tf32(precision, config.tf32, device)
     family = load_family(checkpoint, config.prompt)
     model = captioning_weights(to_device(method.load_best(checkpoint), device), precision)
+    log.info(describe_weights(model, precision))
     records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)
     if args.split == "val":
         records = with_captions(records)

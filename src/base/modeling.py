@@ -30,6 +30,13 @@ def load_pretrained(loader, checkpoint, what, **kwargs):
         raise UserError(f"--checkpoint {checkpoint}: cannot load the {what} from this {where}: {reason}")
 
 
+def load_weights(model_class, checkpoint, what, **options):
+    """`model_class.from_pretrained(checkpoint)` with fp32 weights, whatever the device and whatever dtype the
+    checkpoint was saved in (transformers 5 would keep that one): --precision decides afterwards what becomes bf16
+    (precision.py)."""
+    return load_pretrained(model_class, checkpoint, what, dtype=torch.float32, **options)
+
+
 def core_model(model):
     """The transformers model inside `model` (unwraps a PEFT model; LoRA layers stay in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

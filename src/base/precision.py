@@ -2,10 +2,15 @@
 
     fp32          every weight and every operation in fp32 (the CPU's default)
     bf16          fp32 weights, operations in bf16 under autocast (GPUs' default: --precision auto)
-    bf16-weights  the model's weights in bf16 too, so autocast has no weight to cast at each step; the optimizer
-                  updates fp32 master copies of the trainable weights (MasterWeights)
+    bf16-weights  the model's weights in bf16 too, so autocast has no weight to cast at each step, except the modules
+                  its transformers class keeps in fp32 (BLIP-2's Q-Former and query tokens); the optimizer updates fp32
+                  master copies of the trainable weights (MasterWeights)
     fp16          fp32 weights, fp16 autocast with a loss scaler (GPUs without bf16)
+
+Models load with fp32 weights whatever the precision or device (modeling.load_weights); bf16-weights casts them
+after loading (to_bf16_weights), so its master copies start from the checkpoint's fp32 values.
 """
+import re
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -14,6 +19,7 @@ from .helpers import UserError, log
 from .modeling import core_model
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-weights", "fp16")
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_precision(precision, device):
@@ -64,7 +70,7 @@ class MasterWeights:
         self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         # the copies are taken before the cast: the pretrained weights' full fp32 values
         self.master = [p.detach().float().clone().requires_grad_(True) for _, p in self.trainable]
-        model.to(torch.bfloat16)  # in place: the parameters stay the same objects, their data becomes bf16
+        to_bf16_weights(model)
 
     def parameters(self):
         """What the optimizer updates: the fp32 copies, in the order of the model's trainable parameters."""
@@ -101,8 +107,42 @@ def captioning_weights(model, precision):
     them (the bf16 rounding of the fp32 copies best_model/ holds), so that `test --split val` reproduces the
     validation score, with no weight casts at each decoding step. Other precisions leave it as it is."""
     if precision == "bf16-weights" and not getattr(core_model(model), "is_quantized", False):
-        model.to(torch.bfloat16)
+        to_bf16_weights(model)
     return model
+
+
+def fp32_modules(model):
+    """The modules (and parameters) that `model`'s transformers class keeps in fp32 when it loads in half precision
+    (_keep_in_fp32_modules and _keep_in_fp32_modules_strict; BLIP-2: qformer and query_tokens; BLIP, GIT: none)."""
+    core = core_model(model)
+    return (set(getattr(core, "_keep_in_fp32_modules", None) or ())
+            | set(getattr(core, "_keep_in_fp32_modules_strict", None) or ()))
+
+
+def to_bf16_weights(model):
+    """`model`'s floating-point weights and buffers in bf16, in place (the parameters stay the same objects), except
+    those inside its fp32_modules. transformers 5 keeps the non-strict ones fp32 only when loading in fp16; we keep
+    them fp32 in bf16 too, as LAVIS (BLIP-2's original code) keeps its Q-Former (0.11B of BLIP-2's 3.9B weights)."""
+    kept = [re.compile(rf"(^|\.){re.escape(name)}(\.|$)") for name in fp32_modules(model)]
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not any(pattern.search(name) for pattern in kept):
+            tensor.data = tensor.data.to(torch.bfloat16)
+    return model
+
+
+def describe_weights(model, precision):
+    """One line for the log: the dtype each part of `model` holds its weights in, and the autocast, e.g.
+    "precision bf16-weights: vision_model, language_model in bf16; qformer, query_tokens in fp32 (bf16 autocast)"."""
+    parts = {}
+    for name, parameter in core_model(model).named_parameters():
+        dtype = DTYPE_NAMES.get(parameter.dtype, str(parameter.dtype).removeprefix("torch."))
+        parts.setdefault(name.split(".")[0], set()).add(dtype)
+    groups = {}
+    for part, dtypes in parts.items():
+        groups.setdefault("/".join(sorted(dtypes)), []).append(part)
+    weights = "; ".join(f"{', '.join(names)} in {dtype}" for dtype, names in groups.items())
+    operations = "no autocast" if precision == "fp32" else f"{'fp16' if precision == 'fp16' else 'bf16'} autocast"
+    return f"precision {precision}: {weights} ({operations})"
 
 
 def full_precision(master):

@@ -21,6 +21,7 @@ class Family:
     model_types = ()          # config.json `model_type` values of this family's checkpoints
     lora_targets = ()         # default LoRA target modules (src.peft; --lora-targets overrides)
     full_fine_tuning = True   # False: src.ft refuses (the model is too large to train every weight)
+    checkpoints = ()          # its usual hub checkpoints: what `scripts/get_data.py --checkpoints all` fetches
 
     def __init__(self, config, processor, prompt=""):
         """`config` is the checkpoint's model configuration, `processor` its processor, `prompt` the text every

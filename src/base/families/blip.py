@@ -10,7 +10,7 @@ import transformers
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from ..helpers import log
-from ..modeling import core_model, load_pretrained
+from ..modeling import core_model, load_pretrained, load_weights
 from .base import Family
 
 # transformers internals the fused attention relies on; without them it is not applied (_text_attention_mismatch)
@@ -28,10 +28,11 @@ class Blip(Family):
     name = "BLIP"
     model_types = ("blip",)
     lora_targets = ("query", "value")   # the text decoder's self- and cross-attention projections
+    checkpoints = ("Salesforce/blip-image-captioning-base", "Salesforce/blip-image-captioning-large")
 
     @classmethod
     def load_model(cls, checkpoint, fused_attention=True):
-        model = load_pretrained(BlipForConditionalGeneration, checkpoint, "BLIP captioning model")
+        model = load_weights(BlipForConditionalGeneration, checkpoint, "BLIP captioning model")
         return use_fused_attention(model) if fused_attention else model
 
     @classmethod

@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 
 from .. import constants as C
 from ..helpers import UserError
-from ..modeling import core_model, load_pretrained
+from ..modeling import core_model, load_pretrained, load_weights
 from .base import Family
 
 # LoRA on the Q-Former too: --lora-targets q_proj,v_proj,query,value (the Q-Former's self- and cross-attention
@@ -29,17 +29,15 @@ class Blip2(Family):
     model_types = ("blip-2",)
     lora_targets = ("q_proj", "v_proj")   # OPT's self-attention only (the ViT uses qkv, the Q-Former query/value)
     full_fine_tuning = False
+    checkpoints = ("Salesforce/blip2-opt-2.7b",)
 
     @classmethod
     def load_model(cls, checkpoint):
-        """fp32 on the CPU; on a GPU bf16 weights (half the memory; LoRA's adapters are still made fp32 by peft), and
-        the language model in 8 bits with BLIP2_8BIT=1 when bitsandbytes is installed (untested here)."""
-        options = {"dtype": torch.float32}
-        if torch.cuda.is_available():
-            options["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            if C.BLIP2_8BIT:
-                options.update(eight_bit_options())
-        return load_pretrained(Blip2ForConditionalGeneration, checkpoint, "BLIP-2 captioning model", **options)
+        """fp32 weights, as every family's (blip2-opt-2.7b: 15.6 GB; --precision bf16-weights then casts all but the
+        Q-Former and query tokens to bf16: about 8 GB); on a GPU with BLIP2_8BIT=1 the language model in 8 bits if
+        bitsandbytes is installed (untested here)."""
+        options = eight_bit_options() if C.BLIP2_8BIT and torch.cuda.is_available() else {}
+        return load_weights(Blip2ForConditionalGeneration, checkpoint, "BLIP-2 captioning model", **options)
 
     @classmethod
     def load_processor(cls, checkpoint):

@@ -10,7 +10,7 @@ import torch
 from transformers import GitForCausalLM, GitProcessor
 from transformers.cache_utils import DynamicCache
 
-from ..modeling import core_model, load_pretrained
+from ..modeling import core_model, load_pretrained, load_weights
 from .base import Family
 
 
@@ -18,10 +18,11 @@ class Git(Family):
     name = "GIT"
     model_types = ("git",)
     lora_targets = ("query", "value")   # the text transformer's self-attention (the CLIP encoder's are q_proj/v_proj)
+    checkpoints = ("microsoft/git-base", "microsoft/git-large-textcaps")
 
     @classmethod
     def load_model(cls, checkpoint):
-        return load_pretrained(GitForCausalLM, checkpoint, "GIT captioning model")
+        return load_weights(GitForCausalLM, checkpoint, "GIT captioning model")
 
     @classmethod
     def load_processor(cls, checkpoint):
