@@ -8,6 +8,7 @@
 #   5. another captioner family through the same entry point: a tiny GIT, fully fine-tuned
 #   6. choose decoding settings for the fine-tuned model on validation (--tune-decoding)
 #   7. write test_captions.json with each best model, and score each on the validation split
+#   8. one table of the runs (scripts/summarize.py) and one HTML report (scripts/report.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
@@ -29,7 +30,7 @@ python -m src.ft.train --objective scst --data-dir "$DEMO/vizwiz" --checkpoint "
 python -m src.ft.train --data-dir "$DEMO/vizwiz" --checkpoint "$DEMO/tiny-git" --output-dir "$OUT/ft-git" \
     --max-steps "$STEPS" --lr 1e-3 "${QUICK[@]}"
 echo "each run's first validation is its starting model (step 0), e.g. ft's:"
-head -n 1 "$OUT/ft/metrics.jsonl"
+grep -m1 "step 0 (the starting model)" "$OUT/ft/train.log" | cut -d' ' -f3-
 python -m src.ft.test --output-dir "$OUT/ft" --split val --tune-decoding
 
 for run in ft peft ft-scst ft-git; do
@@ -41,3 +42,10 @@ done
 python -m src.ft.test --output-dir "$OUT/zero-shot" --checkpoint "$OUT/pretrained/best_model" \
     --data-dir "$DEMO/vizwiz" --split val --min-new-tokens 0 --max-new-tokens 20 > /dev/null
 python scripts/summarize.py "$OUT/zero-shot" "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/ft-git"
+python scripts/report.py "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/ft-git" "$OUT/zero-shot" --out "$OUT/report.html" \
+    --title "VizWiz captioning demo (synthetic data, tiny models)"
+echo
+echo "The report (metrics, curves, captions next to their references): $OUT/report.html"
+echo "Each run's files: $OUT/<run>/ (ft, peft, ft-scst, ft-git, zero-shot): best_model/, metrics.jsonl, train.log,"
+echo "  test_captions.json (the challenge file), val_captions.json, val_scores.json, curves.png, examples/, state/"
+echo "The demo's data and tiny models: $DEMO/ (listed in data/README.md)"

@@ -6,11 +6,13 @@
 A directory holding sweep.json (written by scripts/sweep.py) stands for every run of that sweep, runs not
 started yet included, and the flags the sweep varies become columns. Per run it reads metrics.jsonl (written
 during training), val_scores.json (`python -m src.<method>.test --split val`) and test_captions.json.
-Columns nobody has are left out; a run without a value shows n/a (CSV: an empty cell).
+Columns nobody has are left out; a run without a value shows n/a (CSV: an empty cell). The terminal gets the
+columns that rank runs; every column goes to summary.md beside the runs (--full FILE to choose), and --csv.
 
   val_CIDEr            best validation CIDEr-D during training; best_step: the step it came at
+  val_images           how many validation images those scores are on (--val-max-images may cut them)
   steps, minutes       steps done and wall time so far (training and validation, summed over resumes)
-  GPU_hours            wall time x GPUs (device-hours on the CPU)
+  GPU_hours            wall time x GPUs (CPU_hours in the terminal when every run ran on the CPU)
   peak_GB              peak GPU memory (process memory on the CPU)
   captions_per_s       training throughput, validation excluded when the run logged it
   CIDEr_per_GPU_hour   val_CIDEr / the GPU-hours spent until the best validation
@@ -18,6 +20,7 @@ Columns nobody has are left out; a run without a value shows n/a (CSV: an empty 
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +29,9 @@ from src.base.report import device_hours, load_run, plot_sweep  # noqa: E402
 
 SWEEP_FILE = "sweep.json"
 SCORE_COLUMNS = ["Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
-STAT_COLUMNS = ["val_CIDEr", "best_step", "steps", "minutes", "GPU_hours", "peak_GB", "captions_per_s",
-                "CIDEr_per_GPU_hour", "test_captions"]
+STAT_COLUMNS = ["val_CIDEr", "val_images", "best_step", "steps", "minutes", "GPU_hours", "peak_GB",
+                "captions_per_s", "CIDEr_per_GPU_hour", "test_captions"]
+TERMINAL_COLUMNS = ["best", "run", "CIDEr", "val_CIDEr", "val_images", "best_step", "steps", "minutes", "GPU_hours"]
 
 
 def captions_per_second(metrics):
@@ -52,7 +56,8 @@ def training_stats(metrics):
     best, last = max(metrics, key=lambda r: r["CIDEr"]), metrics[-1]
     peaks = [r["peak_memory_gb"] for r in metrics if r.get("peak_memory_gb") is not None]
     hours_to_best = device_hours(best)
-    return {"val_CIDEr": best["CIDEr"], "best_step": best["step"], "steps": last["step"],
+    return {"val_CIDEr": best["CIDEr"], "val_images": best.get("val_images"), "best_step": best["step"],
+            "steps": last["step"], "on_cpu": all(r.get("device") == "cpu" for r in metrics),
             "minutes": last.get("elapsed_seconds", 0) / 60, "GPU_hours": device_hours(last),
             "peak_GB": max(peaks) if peaks else None, "captions_per_s": captions_per_second(metrics),
             # undefined when training never beat the starting model (its step-0 score is the best)
@@ -90,15 +95,20 @@ def ranked_rows(directories):
     return rows
 
 
-def table_columns(rows):
-    params = [k for r in rows for k in r if k not in {"best", "run", "metrics", *SCORE_COLUMNS, *STAT_COLUMNS}]
+def table_columns(rows, terminal=False):
+    """Every column some row has (the swept flags after the run's name), or only the ranking ones (`terminal`)."""
+    params = [k for r in rows for k in r if k not in {"best", "run", "metrics", "on_cpu", *SCORE_COLUMNS, *STAT_COLUMNS}]
     keys = ["best", "run", *dict.fromkeys(params), *SCORE_COLUMNS, *STAT_COLUMNS]
-    return [k for k in keys if any(k in r for r in rows)]
+    if terminal:
+        keys = [k for k in keys if k in TERMINAL_COLUMNS or k in params]
+    return [k for k in keys if any(r.get(k) is not None for r in rows) or k in ("best", "run")]
 
 
 def format_table(rows, keys=None):
-    """A markdown table, padded so that it also reads well in a terminal."""
+    """A markdown table, padded so that it also reads well in a terminal. Device-hours are called CPU_hours when
+    every run ran on the CPU."""
     keys = keys or table_columns(rows)
+    on_cpu = bool(rows) and all(r.get("on_cpu") for r in rows if "on_cpu" in r) and any("on_cpu" in r for r in rows)
 
     def cell(row, key):
         value = row.get(key)
@@ -109,11 +119,20 @@ def format_table(rows, keys=None):
         if isinstance(value, float):
             return f"{value:.4f}" if key in (*SCORE_COLUMNS, "val_CIDEr") else f"{value:.4g}"
         return str(value)
-    table = [list(keys)] + [[cell(r, k) for k in keys] for r in rows]
+    header = [k.replace("GPU_hour", "CPU_hour") if on_cpu else k for k in keys]
+    table = [header] + [[cell(r, k) for k in keys] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
     lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(line, widths)) + " |" for line in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def default_full_table(runs):
+    """summary.md in the directory that holds the runs (in a sweep's output root when given one)."""
+    common = Path(os.path.commonpath([str(Path(run).resolve()) for run in runs]))
+    if len(runs) == 1 and not (common / SWEEP_FILE).is_file():
+        common = common.parent
+    return common / "summary.md"
 
 
 def write_csv(rows, path):
@@ -127,11 +146,16 @@ def write_csv(rows, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories, or sweep output roots (holding sweep.json)")
+    parser.add_argument("--full", metavar="FILE", help="where the table with every column goes (default: summary.md "
+                                                       "in the directory that holds the runs)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV (full precision)")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot validation CIDEr-D against GPU-hours per run")
     args = parser.parse_args()
     rows = ranked_rows(args.runs)
-    print(format_table(rows))
+    print(format_table(rows, table_columns(rows, terminal=True)))
+    full = Path(args.full or default_full_table(args.runs))
+    full.write_text(format_table(rows) + "\n")
+    print(f"(every column: {full})")
     if args.csv:
         write_csv(rows, args.csv)
     if args.plot:

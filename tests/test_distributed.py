@@ -212,3 +212,21 @@ def test_two_processes_caption_the_test_set_once(tmp_path, tiny_blip, demo_data)
     torchrun("src.ft.test", "--checkpoint", tiny_blip, "--data-dir", demo_data, "--output-dir", out / "two", *FAST)
     one = (out / "one" / "test_captions.json").read_text()
     assert (out / "two" / "test_captions.json").read_text() == one
+
+
+def test_a_job_killed_outright_leaves_no_training_process(tmp_path, tiny_blip, demo_data):
+    """SIGKILL to the job's process group (qdel, or h_rt without -notify) kills the job script at once: torchrun dies
+    with it, and the training processes, which torchrun starts in sessions of their own, die with torchrun."""
+    out = tmp_path / "run"
+    job = multi_gpu_train("ft", "--data-dir", demo_data, "--checkpoint", tiny_blip, *FAST, *STEPS, "--max-steps", "500",
+                          "--output-dir", out)
+    deadline = time.time() + 300
+    while not (out / "state" / "progress.json").is_file() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(left_running(out)) >= 2  # both training processes (and torchrun) are running
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    deadline = time.time() + 20
+    while left_running(out) and time.time() < deadline:
+        time.sleep(0.1)
+    assert left_running(out) == []

@@ -80,6 +80,7 @@ def test_lora_adapts_a_pretrained_captioner(tmp_path, pretrained_tiny, demo_data
     result = run_module("src.peft.train", "--data-dir", demo_data, "--checkpoint", pretrained_tiny, "--output-dir", out,
                         *FAST, "--lr", "3e-3", "--eval-every", "100", "--max-steps", "500")
     assert "trainable params: 8,192 ||" in result.stdout
+    assert "|| training LoRA adapters (r=8, alpha=32) on query, value" in result.stdout
     best = max(m["CIDEr"] for m in read_metrics(out))
     # LoRA on query/value of a 2-layer, 64-wide decoder adapts slowly (about +0.4 to +0.9 CIDEr-D here)
     assert best > zero_shot + 0.3, (zero_shot, best)

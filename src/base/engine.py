@@ -7,7 +7,6 @@ schedule, keeps the best model, and saves the full state often enough that a kil
 import json
 import math
 import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 from transformers import get_scheduler
 
 from . import constants as C
@@ -29,9 +27,10 @@ from .distributed import Processes
 from .evaluate import format_scores, score_captions
 from .families import load_family
 from .helpers import UserError, log, process_seed, rng_state, seed_everything
-from .jobs import RunLock, StopSignals
+from .jobs import RunLock, StopSignals, current_job
 from .modeling import enable_activation_checkpointing, parameter_summary, to_device
 from .objectives import make_objective
+from .progress import ProgressBar
 from .precision import MasterWeights, autocast, describe_weights, full_precision, resolve_precision, set_tf32
 
 METRICS_FILE = "metrics.jsonl"
@@ -43,6 +42,7 @@ EXIT_NONFINITE = 3    # too many non-finite losses in a row; the last good state
 class Method:
     """What differs between full fine-tuning and LoRA: how the model is built and loaded back."""
     name: str                      # "ft" or "peft"
+    title: str                     # what it does, for the log: "full fine-tuning", "LoRA"
     default_checkpoint: str
     default_lr: float
     build: Callable                # (RunConfig, Family) -> trainable model, from config.checkpoint
@@ -62,13 +62,16 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def describe_run(what, checkpoint, config, family, device, precision, processes=1):
+    """The first line of a run's log: what runs, from which model, on which data, where it writes, on what."""
+    job = current_job()
+    return (f"{what} | {family.name} {checkpoint} | data {config.data_dir} | output {config.output_dir} | "
+            f"device {device_name(device)}" + (f" x {processes} processes" if processes > 1 else "")
+            + f" | precision {precision}" + (f" | job {job}" if job else ""))
+
+
 def num_workers(config):
     return default_num_workers() if config.num_workers < 0 else config.num_workers
-
-
-def _tqdm_interval():
-    """Redraw often on a terminal, rarely in a batch-job log file."""
-    return 0.5 if sys.stderr.isatty() else 60
 
 
 # ---------------------------------------------------------------- captioning (validation and test)
@@ -93,22 +96,24 @@ def caption_records(model, records, transform, family, config, device, precision
                          batch_size=config.eval_batch_size)
     model.eval()
     predictions, bad = {}, []
-    batches = iter(tqdm(loader, desc=desc, leave=False, mininterval=_tqdm_interval()))
-    for _ in range(max(rounds or 0, len(loader))):
-        if stop is not None and stop():
-            raise Interrupted
-        batch = next(batches, None)
-        if batch is None:  # this process's share is done; the others still ask `stop`
-            continue
-        for message in batch["bad"]:
-            if config.strict:
-                raise UserError(f"{message} (--strict)")
-            log.warning(f"bad image, captioned as a blank image: {message}")
-        bad.extend(batch["bad"])
-        with autocast(precision, device):
-            sequences = family.generate(model, batch["pixel_values"].to(device, non_blocking=True),
-                                        **decoding_settings(config))
-        predictions.update(zip(batch["image_ids"], family.decode(sequences)))
+    batches = iter(loader)
+    with ProgressBar(len(records), desc, "image", leave=False) as bar:
+        for _ in range(max(rounds or 0, len(loader))):
+            if stop is not None and stop():
+                raise Interrupted
+            batch = next(batches, None)
+            if batch is None:  # this process's share is done; the others still ask `stop`
+                continue
+            for message in batch["bad"]:
+                if config.strict:
+                    raise UserError(f"{message} (--strict)")
+                log.warning(f"bad image, captioned as a blank image: {message}")
+            bad.extend(batch["bad"])
+            with autocast(precision, device):
+                sequences = family.generate(model, batch["pixel_values"].to(device, non_blocking=True),
+                                            **decoding_settings(config))
+            predictions.update(zip(batch["image_ids"], family.decode(sequences)))
+            bar.update(len(batch["image_ids"]))
     return predictions, bad
 
 
@@ -254,14 +259,17 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.device)
         set_tf32(self.precision, config.tf32, self.device)
         seed_everything(config.seed)  # the same on every process: the same initial model (LoRA's too)
+        self.family = load_family(config.checkpoint, config.prompt)
+        self.processor = self.family.processor
+        objective = "self-critical training" if config.objective == "scst" else "cross-entropy training"
+        log.info(describe_run(f"src.{method.name}.train: {method.title}, {objective}", config.checkpoint, config,
+                              self.family, self.device, self.precision, self.processes.world))
 
         # data: every kept caption of every training image, each epoch
         self.train_records = _load_records(config, "train")
         self.val_records = _load_records(config, "val")
         if config.val_max_images > 0:
             self.val_records = self.val_records[: config.val_max_images]
-        self.family = load_family(config.checkpoint, config.prompt)
-        self.processor = self.family.processor
         self.model = to_device(method.build(config, self.family), self.device)
         if config.grad_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -350,9 +358,7 @@ class Trainer:
 
         self.clock = self.last_save = time.time()
         self.budget.start_lap()
-        # miniters=1: tqdm's monitor thread would otherwise redraw between mininterval's redraws
-        with tqdm(total=self.total_steps, initial=p.step, desc="training", dynamic_ncols=True,
-                  mininterval=_tqdm_interval(), miniters=1, disable=not self.processes.is_main) as self.bar:
+        with ProgressBar(self.total_steps, "training", "step", initial=p.step, enabled=self.processes.is_main) as self.bar:
             status = self._validate() if p.eval_pending else None  # a validation a signal cut short
             while status is None and not self._finished():
                 self.sampler.set_epoch(p.epoch, p.batch_in_epoch)
@@ -364,8 +370,11 @@ class Trainer:
         if status is not None:
             return status
         if self.processes.is_main:  # only rank 0 validates: the others do not know the best score
-            log.info(f"done: best validation CIDEr {p.best_cider:.4f} at step {p.best_step}; "
-                     f"model in {self.output_dir / 'best_model'}")
+            state = self.output_dir / "state"
+            size = sum(f.stat().st_size for f in state.rglob("*") if f.is_file()) / 1e9
+            log.info(f"done: best validation CIDEr {p.best_cider:.4f} at step {p.best_step}; model in "
+                     f"{self.output_dir / 'best_model'}. {state}/ ({size:.2f} GB) is needed only to resume this run"
+                     f": delete it with rm -r {state}")
         return 0
 
     def _finished(self):
@@ -445,7 +454,7 @@ class Trainer:
         p.captions_seen += captions
         p.images_seen += images
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{p.loss_sum / p.loss_count:.4f}", refresh=False)  # shown at the next redraw
+        self.bar.set_postfix(f"loss {p.loss_sum / p.loss_count:.4f}")
         return True
 
     def _note_bad_images(self, messages):
@@ -495,7 +504,8 @@ class Trainer:
             p.best_cider, p.best_step = scores["CIDEr"], p.step
         line = {"step": p.step, "epoch": round(p.epoch + p.batch_in_epoch / self.steps_per_epoch, 4),
                 "train_loss": p.loss_sum / p.loss_count if p.loss_count else None, "lr": self.scheduler.get_last_lr()[0],
-                **train_stats, **scores, "best_CIDEr": p.best_cider, "is_best": is_best,
+                **train_stats, **scores, "val_images": len(references), "best_CIDEr": p.best_cider,
+                "is_best": is_best,
                 "captions_seen": p.captions_seen, "images_seen": p.images_seen,
                 "images_skipped": len(p.bad_images), "bad_images_new": p.bad_images[p.bad_images_reported:],
                 "nonfinite_steps": p.nonfinite_total, "scaler_skips": p.scaler_skips, "tokenizer": tokenizer,

@@ -12,7 +12,9 @@ def add_lora(model, r, alpha, dropout, targets):
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=list(targets))
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecated: noise in every job log
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0]}")
 

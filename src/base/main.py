@@ -10,7 +10,7 @@ from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
 from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
 from .distributed import Processes, main_process
-from .engine import EXIT_STOPPED, Interrupted, Trainer, caption_in_shares
+from .engine import EXIT_STOPPED, Interrupted, Trainer, caption_in_shares, describe_run
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
 from .jobs import StopSignals, current_job, is_requeue_of
@@ -66,19 +66,20 @@ def train_main(method, argv=None):
         fresh = args.fresh and not requeued
         resuming = has_training_state(output_dir) and not fresh
         config = _start(method, args, saved if resuming else None, "train.log")
-        if requeued and resuming:
-            log.info(f"job {current_job()} was requeued: resuming the run it started in {output_dir} (--fresh starts "
-                     f"over only at a job's first start)")
-        elif resuming:
-            log.info(f"{output_dir} holds a run: resuming it (pass --fresh to start over)")
-        else:
+        if not resuming:
             config.job = current_job()
             if args.find_batch_size:
                 if not main_process() or os.environ.get("WORLD_SIZE", "1") != "1":
                     raise UserError("--find-batch-size: search on one GPU (plain python -m ...), then launch the "
                                     "processes with the --batch-size it finds")
                 config.batch_size = find_batch_size(method, config, start=args.find_batch_size)
-        return _run(Trainer(method, config, fresh=fresh, time_limit=time_limit, stop=stop))
+        trainer = Trainer(method, config, fresh=fresh, time_limit=time_limit, stop=stop)
+        if requeued and resuming:
+            log.info(f"job {current_job()} was requeued: resuming the run it started in {output_dir} (--fresh starts "
+                     f"over only at a job's first start)")
+        elif resuming:
+            log.info(f"{output_dir} holds a run: resuming it (pass --fresh to start over)")
+        return _run(trainer)
 
 
 @exit_on_user_error
@@ -153,6 +154,8 @@ def _test(method, argv, stop):
     precision = resolve_precision(config.precision, device)
     set_tf32(precision, config.tf32, device)
     family = load_family(checkpoint, config.prompt)
+    log.info(describe_run(f"src.{method.name}.test: captioning the {args.split} split", checkpoint, config, family,
+                          device, precision, processes.world))
     model = captioning_weights(to_device(method.load_best(checkpoint), device), precision)
     log.info(describe_weights(model, precision))
     records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)
@@ -178,7 +181,8 @@ def _test(method, argv, stop):
     log.info(f"wrote {len(captions)} captions to {out_file}" + (f" ({len(bad)} unreadable images got a blank-image caption)" if bad else ""))
     if args.split == "val":
         scores, _, tokenizer = score_captions(references, predictions)
-        write_json_atomic(output_dir / "val_scores.json", {"checkpoint": checkpoint, **scores, "tokenizer": tokenizer})
+        write_json_atomic(output_dir / "val_scores.json", {"checkpoint": checkpoint, **scores, "tokenizer": tokenizer,
+                                                              "images": len(references)})
         log.info(f"validation scores: {format_scores(scores)}")
         print(json.dumps(scores))
     return 0

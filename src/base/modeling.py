@@ -93,6 +93,16 @@ FUNCTIONAL_DROPOUT = ("dropout", "attention_dropout", "activation_dropout", "lay
 
 
 def parameter_summary(model):
+    """Counts (as peft prints them) and what trains: every weight, LoRA adapters (rank, targets), or which parts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    if hasattr(model, "peft_config"):
+        lora = next(iter(model.peft_config.values()))
+        what = f"LoRA adapters (r={lora.r}, alpha={lora.lora_alpha}) on {', '.join(sorted(lora.target_modules))}"
+    elif trainable == total:
+        what = "every weight (full fine-tuning)"
+    else:
+        parts = sorted({name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad})
+        what = f"the weights of {', '.join(parts)}"
+    return (f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+            f" || training {what}")

@@ -13,5 +13,5 @@ def build(config, family):
     return family.load_model(config.checkpoint)
 
 
-METHOD = Method(name="ft", default_checkpoint=C.FT_CHECKPOINT, default_lr=C.FT_LR,
-                build=build, load_best=load_captioner)
+METHOD = Method(name="ft", title="full fine-tuning", default_checkpoint=C.FT_CHECKPOINT,
+                default_lr=C.FT_LR, build=build, load_best=load_captioner)

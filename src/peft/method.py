@@ -18,5 +18,5 @@ def build(config, family):
                     targets)
 
 
-METHOD = Method(name="peft", default_checkpoint=C.PEFT_CHECKPOINT, default_lr=C.PEFT_LR,
-                build=build, load_best=load_lora)
+METHOD = Method(name="peft", title="LoRA", default_checkpoint=C.PEFT_CHECKPOINT,
+                default_lr=C.PEFT_LR, build=build, load_best=load_lora)
