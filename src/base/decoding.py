@@ -1,16 +1,22 @@
 """Decoding chosen on validation: `test --split val --tune-decoding` scores a small grid of generate() settings
-and writes `decoding.json` in the run's directory; later `test` runs use its best setting unless flags say otherwise.
+and writes `decoding.json` in the run's directory; later `test` runs of the same model use its best setting unless
+flags say otherwise.
 
 CIDEr-D is sensitive to caption length and beam settings (course runs gained up to 11 CIDEr-D from beam
-search alone on GIT), so the settings are chosen on the validation set, never on the test set.
+search alone on GIT), so the settings are chosen on the validation set, never on the test set. The best of 21
+scores on the images it was chosen on is optimistic, so part of the validation images is held out of the choice
+and scores it. decoding.json records a fingerprint of the weights it was tuned on: a model trained again, or another
+--checkpoint, does not inherit it.
 """
+import hashlib
 import json
 from pathlib import Path
 
+from .checkpoint import DECODING_FILE, weights_fingerprint
 from .helpers import UserError, log, write_json_atomic
 
-DECODING_FILE = "decoding.json"
 KEYS = ("num_beams", "min_new_tokens", "max_new_tokens", "length_penalty", "repetition_penalty")
+HELD_OUT_FRACTION = 0.25  # of the validation images tuned on: not used to choose, only to score the choice
 
 
 def grid():
@@ -30,54 +36,111 @@ def current(config):
     return {key: getattr(config, key) for key in KEYS}
 
 
+def setting(row):
+    return {key: row[key] for key in KEYS}
+
+
+def use(config, settings):
+    for key, value in settings.items():
+        setattr(config, key, value)
+
+
+def split_held_out(records):
+    """(tuning, held-out): HELD_OUT_FRACTION of `records` (at least one) held out, chosen by a hash of the image id,
+    so the split depends only on which images there are, not on their order in the file."""
+    if len(records) < 2:
+        raise UserError(f"--tune-decoding needs at least 2 validation images (one to choose on, one held out to "
+                        f"score the choice); there are {len(records)} (--val-max-images?)")
+    by_hash = sorted(records, key=lambda r: hashlib.sha256(str(r.image_id).encode()).hexdigest())
+    held_out = {r.image_id for r in by_hash[: max(1, round(len(records) * HELD_OUT_FRACTION))]}
+    return [r for r in records if r.image_id not in held_out], [r for r in records if r.image_id in held_out]
+
+
 def tune(caption, score, config):
-    """Score the run's own setting and every grid setting. `caption(config)` -> {image_id: caption};
-    `score(predictions)` -> CIDEr-D. Returns the rows (setting + CIDEr), best first."""
+    """Score the run's own setting and every grid setting on the tuning images. `caption(config)` ->
+    {image_id: caption}; `score(predictions)` -> CIDEr-D. Returns the rows (setting + tuning_CIDEr), best first."""
     candidates = [current(config)] + [s for s in grid() if s != current(config)]
     rows = []
-    for number, setting in enumerate(candidates, 1):
-        for key, value in setting.items():
-            setattr(config, key, value)
-        rows.append({**setting, "CIDEr": score(caption(config))})
-        log.info(f"decoding {number}/{len(candidates)}: {describe(setting)}: CIDEr-D {rows[-1]['CIDEr']:.4f}")
-    return sorted(rows, key=lambda row: -row["CIDEr"])
+    for number, candidate in enumerate(candidates, 1):
+        use(config, candidate)
+        rows.append({**candidate, "tuning_CIDEr": score(caption(config))})
+        log.info(f"decoding {number}/{len(candidates)}: {describe(candidate)}: "
+                 f"tuning CIDEr-D {rows[-1]['tuning_CIDEr']:.4f}")
+    return sorted(rows, key=lambda row: -row["tuning_CIDEr"])
 
 
-def describe(setting):
-    return (f"beams {setting['num_beams']}, new tokens {setting['min_new_tokens']}-{setting['max_new_tokens']}, "
-            f"length penalty {setting['length_penalty']}, repetition penalty {setting['repetition_penalty']}")
+def score_held_out(caption, score, config, best, default):
+    """CIDEr-D of the chosen setting and of the run's own on the held-out images (one pass when they are the same)."""
+    use(config, best)
+    scores = {"best": score(caption(config))}
+    if default == best:
+        scores["run_setting"] = scores["best"]
+    else:
+        use(config, default)
+        scores["run_setting"] = score(caption(config))
+    return scores
 
 
-def table(rows, default):
-    lines = ["| best | beams | min new | max new | length penalty | repetition penalty | val CIDEr-D |",
-             "|---|---|---|---|---|---|---|"]
-    for i, row in enumerate(rows):
-        mark = "*" if i == 0 else ("(run's)" if {k: row[k] for k in KEYS} == default else "")
-        lines.append(f"| {mark} | {row['num_beams']} | {row['min_new_tokens']} | {row['max_new_tokens']} | "
-                     f"{row['length_penalty']} | {row['repetition_penalty']} | {row['CIDEr']:.4f} |")
-    return "\n".join(lines)
+def describe(settings):
+    return (f"beams {settings['num_beams']}, new tokens {settings['min_new_tokens']}-{settings['max_new_tokens']}, "
+            f"length penalty {settings['length_penalty']}, repetition penalty {settings['repetition_penalty']}")
 
 
-def save(output_dir, rows, default, checkpoint, images, tokenizer):
-    best = {k: rows[0][k] for k in KEYS}
-    write_json_atomic(Path(output_dir) / DECODING_FILE, {
-        "checkpoint": checkpoint, "validation_images": images, "tokenizer": tokenizer, "best": best,
-        "best_CIDEr": rows[0]["CIDEr"], "run_setting": default, "settings": rows})
+def report(tuned):
+    """The table of every setting tried and the summary line, from the contents of decoding.json."""
+    tuning, held_out = len(tuned["tuning_images"]), len(tuned["held_out_images"])
+    lines = [f"| | beams | min new | max new | length penalty | repetition penalty | "
+             f"tuning CIDEr-D ({tuning} images) | held-out CIDEr-D ({held_out} images) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(tuned["settings"]):
+        marks = (["chosen"] if i == 0 else []) + (["run's"] if setting(row) == tuned["run_setting"] else [])
+        held = tuned["held_out_CIDEr"]["best" if i == 0 else "run_setting"] if marks else None
+        lines.append(f"| {', '.join(marks)} | {row['num_beams']} | {row['min_new_tokens']} | {row['max_new_tokens']} | "
+                     f"{row['length_penalty']} | {row['repetition_penalty']} | {row['tuning_CIDEr']:.4f} | "
+                     f"{'' if held is None else f'{held:.4f}'} |")
+    own = next(row for row in tuned["settings"] if setting(row) == tuned["run_setting"])
+    summary = (f"chosen decoding: {describe(tuned['best'])}. Held-out CIDEr-D (the {held_out} validation images "
+               f"not used to choose): {tuned['held_out_CIDEr']['best']:.4f}, the run's own setting "
+               f"{tuned['held_out_CIDEr']['run_setting']:.4f}. Tuning CIDEr-D (the {tuning} images it was chosen on, "
+               f"optimistic): {tuned['settings'][0]['tuning_CIDEr']:.4f}, the run's own {own['tuning_CIDEr']:.4f}")
+    return "\n".join(lines), summary
 
 
-def apply_saved(config, output_dir, given):
-    """Use the best setting of `output_dir/decoding.json`, if there is one, for the keys not in `given` (flags)."""
+def save(output_dir, fingerprint, checkpoint, tokenizer, rows, default, tuning, held_out, held_out_scores):
+    """Write decoding.json; returns its contents."""
+    tuned = {"model_fingerprint": fingerprint, "checkpoint": checkpoint, "tokenizer": tokenizer,
+             "best": setting(rows[0]), "run_setting": default, "held_out_CIDEr": held_out_scores,
+             "held_out_fraction": HELD_OUT_FRACTION, "tuning_images": sorted(r.image_id for r in tuning),
+             "held_out_images": sorted(r.image_id for r in held_out), "settings": rows}
+    write_json_atomic(Path(output_dir) / DECODING_FILE, tuned)
+    return tuned
+
+
+def apply_saved(config, output_dir, given, checkpoint):
+    """Use the best setting of `output_dir/decoding.json`, if there is one and it was tuned on the weights of
+    `checkpoint`, for the keys not in `given` (flags); if it was not, say in one line why it is ignored."""
     path = Path(output_dir) / DECODING_FILE
-    if not path.is_file():
+    if not path.is_file() or set(given) >= set(KEYS):
         return
     try:
         saved = json.loads(path.read_text())
         best = {key: saved["best"][key] for key in KEYS}
+        tuned_on = saved.get("model_fingerprint")
+        held_out = saved["held_out_CIDEr"]["best"] if tuned_on else None
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{path}: not a decoding file written by --tune-decoding ({error}); delete it or tune again")
-    used = {key: value for key, value in best.items() if key not in given}
-    for key, value in used.items():
-        setattr(config, key, value)
+    retune = "decoding with the run's own settings; tune again with --split val --tune-decoding"
+    if tuned_on is None:
+        log.warning(f"{path} ignored: written by an older version that did not record which weights it was tuned "
+                    f"on; {retune}")
+        return
+    fingerprint, why = weights_fingerprint(checkpoint)
+    if fingerprint != tuned_on:
+        reason = (f"cannot fingerprint the weights of {checkpoint} ({why})" if fingerprint is None else
+                  f"it was tuned on other weights than {checkpoint}'s (trained again since, or another --checkpoint)")
+        log.warning(f"{path} ignored: {reason}; {retune}")
+        return
+    use(config, {key: value for key, value in best.items() if key not in given})
     overridden = f"; flags override {', '.join(sorted(given))}" if given else ""
-    log.info(f"decoding from {path} (validation CIDEr-D {saved.get('best_CIDEr', float('nan')):.4f}): "
+    log.info(f"decoding from {path} (tuned on these weights; held-out CIDEr-D {held_out:.4f}): "
              f"{describe(current(config))}{overridden}")

@@ -6,7 +6,7 @@ from pathlib import Path
 from . import config as run_config
 from . import constants as C
 from . import decoding
-from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state
+from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state, weights_fingerprint
 from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
 from .distributed import Processes, main_process
@@ -49,8 +49,9 @@ def _start(method, args, saved, log_name):
 def train_main(method, argv=None):
     parser = run_config.training_parser(f"Train a BLIP captioner ({method.name}) on VizWiz-Captions.")
     parser.add_argument("--fresh", action="store_true",
-                        help="start over even if --output-dir holds a run (deletes its state, metrics and best model); "
-                             "a requeued job resumes the run its first start began instead")
+                        help="start over even if --output-dir holds a run (deletes its state, metrics, best model, and "
+                             "what test wrote with that model: captions, scores, tuned decoding); a requeued job "
+                             "resumes the run its first start began instead")
     parser.add_argument("--find-batch-size", nargs="?", type=int, const=256, metavar="START",
                         help="GPU, new runs: train with the largest --batch-size that fits, searched by halving from "
                              "START (256)")
@@ -131,9 +132,11 @@ def _test(method, argv, stop):
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="test: write test_captions.json for the challenge; val: caption and score the validation set")
     parser.add_argument("--tune-decoding", action="store_true",
-                        help=f"with --split val: score a grid of decoding settings (beams, caption length, length and "
-                             f"repetition penalties) on the validation set (--val-max-images to go faster), write "
-                             f"<output-dir>/{decoding.DECODING_FILE}; later test runs use its best setting")
+                        help=f"with --split val: choose decoding (beams, caption length, length and repetition "
+                             f"penalties) from a grid on {1 - decoding.HELD_OUT_FRACTION:.0%} of the validation images "
+                             f"(--val-max-images to go faster), score the choice on the other "
+                             f"{decoding.HELD_OUT_FRACTION:.0%}, write <output-dir>/{decoding.DECODING_FILE}; later "
+                             f"test runs of the same model use its best setting")
     args = parser.parse_args(argv)
     if args.tune_decoding and args.split != "val":
         raise UserError("--tune-decoding chooses decoding on the validation set: add --split val")
@@ -142,8 +145,6 @@ def _test(method, argv, stop):
     output_dir = _output_dir(method, args)
     saved = run_config.load_saved(output_dir)
     config = _start(method, args, saved, "test.log")
-    if not args.tune_decoding:
-        decoding.apply_saved(config, output_dir, given={k for k in decoding.KEYS if getattr(args, k) is not None})
 
     checkpoint = args.checkpoint or str(best_model_dir(output_dir))
     if not args.checkpoint and not Path(checkpoint).is_dir():
@@ -158,6 +159,8 @@ def _test(method, argv, stop):
                           device, precision, processes.world))
     model = captioning_weights(to_device(method.load_best(checkpoint), device), precision)
     log.info(describe_weights(model, precision))
+    if not args.tune_decoding:  # after loading: a hub checkpoint's files are in the cache then
+        decoding.apply_saved(config, output_dir, {k for k in decoding.KEYS if getattr(args, k) is not None}, checkpoint)
     records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)
     if args.split == "val":
         records = with_captions(records)
@@ -169,7 +172,7 @@ def _test(method, argv, stop):
                                  f"captioning {args.split}", stop=lambda: processes.sum([bool(stop.received)])[0] > 0)
 
     if args.tune_decoding:
-        return _tune_decoding(config, output_dir, checkpoint, records, references, caption, processes.is_main)
+        return _tune_decoding(config, output_dir, checkpoint, records, references, caption, processes)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
              f"({decoding.describe(decoding.current(config))}, batch {config.eval_batch_size}, precision {precision})")
     predictions, bad = caption(config)
@@ -188,25 +191,38 @@ def _test(method, argv, stop):
     return 0
 
 
-def _tune_decoding(config, output_dir, checkpoint, records, references, caption, is_main):
-    """Score the decoding grid on the validation images (the first --val-max-images), write decoding.json."""
+def _tune_decoding(config, output_dir, checkpoint, records, references, caption, processes):
+    """Choose decoding on part of the validation images (the first --val-max-images), score the choice and the run's
+    own setting on the rest, write decoding.json with the fingerprint of the weights."""
     if config.val_max_images > 0:
         records = records[: config.val_max_images]
-    references = {r.image_id: references[r.image_id] for r in records}
-    default = decoding.current(config)
-    log.info(f"tuning decoding on {len(records)} validation images with {checkpoint}")
+    tuning, held_out = decoding.split_held_out(records)
+    fingerprint, why = weights_fingerprint(checkpoint)
+    if fingerprint is None:
+        raise UserError(f"--checkpoint {checkpoint}: cannot fingerprint its weights ({why}), so no later test run "
+                        f"could tell that it is the model tuned on")
+    log.info(f"tuning decoding with {checkpoint} on {len(tuning)} validation images; {len(held_out)} others "
+             f"({decoding.HELD_OUT_FRACTION:.0%}) are held out to score the choice")
     tokenizers = []
 
-    def score(predictions):
-        scores, _, tokenizer = score_captions(references, predictions, meteor=False) if is_main else ({}, {}, None)
-        tokenizers.append(tokenizer)
-        return scores.get("CIDEr", 0.0)
+    def on(part):
+        """(caption, score) on the images `part`: every process gets the main process's CIDEr-D, so all choose alike."""
+        part_references = {r.image_id: references[r.image_id] for r in part}
 
-    rows = decoding.tune(lambda settings: caption(settings, records)[0], score, config)
-    if is_main:
-        decoding.save(output_dir, rows, default, checkpoint, len(records), tokenizers[-1])
-        print(decoding.table(rows, default))
-        log.info(f"best decoding: {decoding.describe(rows[0])}, validation CIDEr-D {rows[0]['CIDEr']:.4f} "
-                 f"(the run's own setting: {next(r['CIDEr'] for r in rows if {k: r[k] for k in decoding.KEYS} == default):.4f}); "
-                 f"written to {output_dir / decoding.DECODING_FILE}: later test runs use it")
+        def score(predictions):
+            scores, _, tokenizer = (score_captions(part_references, predictions, meteor=False) if processes.is_main
+                                    else ({}, {}, None))
+            tokenizers.append(tokenizer)
+            return processes.sum([scores.get("CIDEr", 0.0)])[0]
+        return (lambda settings: caption(settings, part)[0]), score
+
+    default = decoding.current(config)
+    rows = decoding.tune(*on(tuning), config)
+    held_out_scores = decoding.score_held_out(*on(held_out), config, decoding.setting(rows[0]), default)
+    if processes.is_main:
+        tuned = decoding.save(output_dir, fingerprint, checkpoint, tokenizers[-1], rows, default, tuning, held_out,
+                              held_out_scores)
+        table, summary = decoding.report(tuned)
+        log.info(f"decoding settings, best first:\n{table}")
+        log.info(f"{summary}; written to {output_dir / decoding.DECODING_FILE}: later test runs of this model use it")
     return 0
