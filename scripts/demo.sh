@@ -10,6 +10,8 @@
 #   7. write test_captions.json with each best model, and score each on the validation split
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the demo runs here: a new environment gets the CPU build of torch where this machine has no GPU (setup_env.sh)
+TORCH_SPEC="${TORCH_SPEC:-auto}"
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1
 DEMO="${DEMO_DIR:-data/demo}"
