@@ -6,6 +6,8 @@
 # --batch-size is the images per optimizer step over all GPUs together, so a run with the same flags on 1 or N
 # GPUs trains on the same batches; each GPU takes its share (set --grad-accum if a share does not fit).
 # Processes: the number of GPUs SGE granted (CUDA_VISIBLE_DEVICES), else all of the node's, or NGPUS.
+# A job that asked for GPUs (-l gpu=N, or CUDA_VISIBLE_DEVICES) whose torch sees none stops before starting them,
+# with one line and status 2 (scripts/job_env.sh, src/base/distributed.py); --allow-cpu runs gloo processes instead.
 #
 # Preemption: SGE's -notify signals (SIGUSR1/SIGUSR2) and SIGTERM, sent to this script or to the job's whole
 # process group, reach this script alone: torchrun runs in a session of its own (it would die of SIGUSR1 and kill
@@ -36,6 +38,8 @@ if [ "$method" != ft ] && [ "$method" != peft ]; then
 fi
 shift
 cd "${SGE_O_WORKDIR:-$(dirname "$0")}" && source scripts/job_env.sh || exit 2
+# the GPU check each training process makes, once, here: one line and status 2, not one error per process
+python -m src.base.distributed "$@" || exit
 
 if [ -n "${NGPUS:-}" ]; then
     gpus="$NGPUS"

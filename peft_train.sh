@@ -17,6 +17,10 @@
 # TIME_LIMIT below) to --time-limit: the run saves its state and exits with 99 before h_rt, while a step or a
 # validation and one more save still fit (measured as it goes). Keep TIME_LIMIT equal to the h_rt line.
 # Exit status 3: the loss went NaN/inf several steps in a row (lower --lr); 2: bad input (see the log).
+# Device and checkpoints (scripts/job_env.sh): a job that asked for a GPU (-l gpu=1 below) and whose torch sees
+# none (a CPU-only torch build, or a driver problem) stops at its start with one line and status 2 instead of
+# training on the CPU; --allow-cpu runs it there. The checkpoints come from the Hugging Face cache that
+# `python scripts/get_data.py --checkpoints` filled on the login node (HF_HOME), offline when they are there.
 #$ -N blip_peft
 #$ -cwd
 #$ -j y

@@ -2,6 +2,10 @@
 # Caption the test split with a run's best model and write <output-dir>/test_captions.json.
 #   qsub test.sh ft   --output-dir results/ft            (or: peft; add --split val to score val)
 #   bash test.sh peft --output-dir results/peft
+# Device and checkpoints (scripts/job_env.sh): a job that asked for a GPU (-l gpu=1 below) and whose torch sees
+# none (a CPU-only torch build, or a driver problem) stops at its start with one line and status 2 instead of
+# captioning on the CPU; --allow-cpu runs it there. A LoRA run's base checkpoint comes from the Hugging Face cache
+# that `python scripts/get_data.py --checkpoints` filled on the login node (HF_HOME), offline when it is there.
 #$ -N blip_test
 #$ -cwd
 #$ -j y

@@ -11,6 +11,8 @@
 #   8. one table of the runs (scripts/summarize.py) and one HTML report (scripts/report.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the demo runs here: a new environment gets the CPU build of torch where this machine has no GPU (setup_env.sh)
+TORCH_SPEC="${TORCH_SPEC:-auto}"
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1
 DEMO="${DEMO_DIR:-data/demo}"

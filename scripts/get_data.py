@@ -18,11 +18,12 @@ against the zip's CRC-32s while unpacking. The sha256 of each archive is written
 (<archive>.sha256; a rerun checks a kept archive against it) and into the .done marker.
 
 --checkpoints also fetches HUB_CHECKPOINTS (default: FT_CHECKPOINT and PEFT_CHECKPOINT) into the
-Hugging Face cache (HF_HOME); `--checkpoints all` those and every family's (families/*.py `checkpoints`);
-`--checkpoints NAME[,NAME...]` those hub names. Of each: config, tokenizer and processor files and one
-copy of the weights (safetensors where the repository has them, else PyTorch's .bin; sharded ones
-with their index), never other frameworks' (TensorFlow, Flax, ONNX). A token, if you need one, is
-read from HF_TOKEN in the environment, never from a file.
+Hugging Face cache (HF_HOME in src/base/constants.py, which the SGE jobs use too); `--checkpoints all`
+those and every family's (families/*.py `checkpoints`); `--checkpoints NAME[,NAME...]` those hub names.
+Of each: config, tokenizer and processor files and one copy of the weights (safetensors where the
+repository has them, else PyTorch's .bin; sharded ones with their index), never other frameworks'
+(TensorFlow, Flax, ONNX). A token, if you need one, is read from HF_TOKEN in the environment, never
+from a file.
 """
 import argparse
 import hashlib
@@ -38,11 +39,12 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import list_repo_files, snapshot_download
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from src.base import constants as C  # noqa: E402
+from src.base import constants as C  # noqa: E402  (first: it exports HF_HOME, which huggingface_hub reads on import)
+from huggingface_hub import list_repo_files, snapshot_download  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from src.base.hub import cache_dir  # noqa: E402
 from src.base.data import SPLITS, BadImage, annotation_path, default_num_workers, load_image, load_split  # noqa: E402
 from src.base.families import FAMILIES  # noqa: E402
 from src.base.helpers import (UserError, exit_on_user_error, log, recover_dir, replace_dir_atomic,  # noqa: E402
@@ -315,6 +317,8 @@ def checkpoint_files(name, repo_files):
 
 def fetch_checkpoints(names):
     token = os.environ.get("HF_TOKEN") or False  # False: no token from a file either
+    log.info(f"checkpoints go to the Hugging Face cache in {cache_dir()}: jobs load them from there, offline, while "
+             f"they see the same HF_HOME (set it in src/base/constants.py, not only in your shell)")
     for name in names:
         if Path(name).is_dir():
             log.info(f"{name}: a local directory, nothing to fetch")

@@ -2,6 +2,8 @@
 # The test suite, offline, on the CPU: installs what it needs, then runs pytest (extra args go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the tests run here: a new environment gets the CPU build of torch where this machine has no GPU (setup_env.sh)
+TORCH_SPEC="${TORCH_SPEC:-auto}"
 source scripts/setup_env.sh
 # the HTML report is checked in headless Chromium (Debian's package)
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

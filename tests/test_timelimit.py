@@ -117,10 +117,14 @@ def test_a_job_stops_for_its_time_limit_and_resubmitted_finishes_like_an_uninter
 def _wrapper(tmp_path, wrapper, job_id=None, qstat_output=None, args=("--epochs", "1"), env=None,
              python='printf "%s\\n" "$@"'):
     """Run the wrapper with python (and qstat, if given) replaced by stand-ins; by default python prints its
-    arguments, one per line."""
+    arguments, one per line. The checks the wrappers run before the job's python (src.base.hub in job_env.sh,
+    src.base.distributed in multi_gpu_train.sh) pass in silence; multi_gpu_train.sh's `python -c PROGRAM COMMAND...`
+    (which sets up a session and execs COMMAND) runs COMMAND."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "python").write_text(f'#!/bin/bash\n{python}\n')
+    (bin_dir / "python").write_text('#!/bin/bash\ncase "$2" in src.base.hub|src.base.distributed) exit 0;; esac\n'
+                                    '[ "$1" = -c ] && shift 2 && exec "$@"\n'
+                                    f'{python}\n')
     if qstat_output is not None:
         (bin_dir / "qstat").write_text(f"#!/bin/bash\n[ \"$1 $2\" = \"-j 4242\" ] && cat <<'END'\n{qstat_output}\nEND\n")
     for tool in bin_dir.iterdir():

@@ -217,6 +217,9 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
                    help="save the state and exit with status 99 (SGE requeues) while there is still time for the "
                         "next step or validation and a final save before this limit, counted from the job's start "
                         "(the SGE wrappers set it from -l h_rt); not saved with the run")
+    p.add_argument("--allow-cpu", action="store_true", default=None,
+                   help="run on the CPU although the job asked for a GPU (CUDA_VISIBLE_DEVICES set, or an SGE job with "
+                        "-l gpu=...) and torch sees none; without it such a run stops at its start (ALLOW_CPU=1 too)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction,
                    help="stop at an unreadable image instead of skipping it")
     p.add_argument("--eval-batch-size", type=int, help="images per generate() call")

@@ -49,6 +49,14 @@ PEFT_CHECKPOINT = _env("PEFT_CHECKPOINT", "Salesforce/blip-image-captioning-larg
 VIZWIZ_URL = _env("VIZWIZ_URL", "https://vizwiz.cs.colorado.edu/VizWiz_final")
 # Comma-separated hub names that `get_data.py --checkpoints` fetches into the Hugging Face cache.
 HUB_CHECKPOINTS = _env("HUB_CHECKPOINTS", f"{FT_CHECKPOINT},{PEFT_CHECKPOINT}")
+# The Hugging Face cache that `get_data.py --checkpoints` fills and the runs load from (default: huggingface_hub's
+# own). Set it here rather than in your shell: SGE jobs do not see your shell's variables, and scripts/job_env.sh
+# exports this one. Exported here too, so that transformers (imported after this file) and child processes use it.
+HF_HOME = _env("HF_HOME", str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface"))
+os.environ["HF_HOME"] = HF_HOME
+
+# ---- devices -------------------------------------------------------------------
+ALLOW_CPU = _env("ALLOW_CPU", False)             # run on the CPU although the job asked for a GPU (--allow-cpu)
 
 # ---- data ----------------------------------------------------------------
 DROP_REJECTED = _env("DROP_REJECTED", True)      # captions flagged is_rejected by VizWiz

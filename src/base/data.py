@@ -33,7 +33,9 @@ def load_split(data_dir, split, drop_rejected=True, drop_precanned=True):
     """Read `<data_dir>/annotations/<split>.json`; its images live in `<data_dir>/<split>/`."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: data directory does not exist (set --data-dir or DATA_DIR in src/base/constants.py)")
+        raise UserError(f"{data_dir}: data directory does not exist: fetch the data set on a login node with "
+                        f"python scripts/get_data.py --data-dir {data_dir}, or set --data-dir or DATA_DIR in "
+                        f"src/base/constants.py")
     return load_annotations(annotation_path(data_dir, split), data_dir / split, drop_rejected, drop_precanned)
 
 

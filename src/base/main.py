@@ -9,7 +9,7 @@ from . import decoding
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state, weights_fingerprint
 from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
-from .distributed import Processes, main_process
+from .distributed import Processes, check_device, main_process
 from .engine import EXIT_STOPPED, Interrupted, Trainer, caption_in_shares, describe_run
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
@@ -31,7 +31,9 @@ def _time_limit(args):
 
 
 def _start(method, args, saved, log_name):
-    """Resolve the configuration, check the output directory is writable, log to it."""
+    """Check the device (a job that asked for a GPU stops here if torch sees none), resolve the configuration,
+    check the output directory is writable, log to it."""
+    check_device(args.allow_cpu)
     config = run_config.resolve(method, args, saved)
     output_dir = Path(config.output_dir)
     try:

@@ -3,13 +3,13 @@ checkpointing, parameter counts. What differs between families lives in src/base
 import logging
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from transformers.utils import logging as hf_logging
 
 from .helpers import UserError
+from .hub import cache_dir, fetch_command, in_cache, is_hub_name
 
 # transformers warns that image processors fall back to their Pillow backend without torchvision;
 # we only read the processor's settings (data.ImageTransform does the pixels), so that is expected.
@@ -25,8 +25,13 @@ def load_pretrained(loader, checkpoint, what, **kwargs):
             warnings.simplefilter("ignore")
             return loader.from_pretrained(checkpoint, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
-        where = "local directory" if Path(checkpoint).exists() else "Hugging Face hub name (or local directory)"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hub_name = is_hub_name(checkpoint)
+        if hub_name and not in_cache(checkpoint):
+            raise UserError(f"--checkpoint {checkpoint}: not in the Hugging Face cache ({cache_dir()}) and not "
+                            f"downloaded ({reason}); fetch it where there is internet (a login node) with "
+                            f"{fetch_command(checkpoint)}")
+        where = "Hugging Face hub name (or local directory)" if hub_name else "local directory"
         raise UserError(f"--checkpoint {checkpoint}: cannot load the {what} from this {where}: {reason}")
 
 
