@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.base.cli import ArgumentParser  # noqa: E402
 from src.base.report import device_hours, load_run, plot_sweep  # noqa: E402
 
 SWEEP_FILE = "sweep.json"
@@ -125,7 +126,7 @@ def write_csv(rows, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories, or sweep output roots (holding sweep.json)")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV (full precision)")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot validation CIDEr-D against GPU-hours per run")

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, run_module
 
 SHOW = ("import json, sys; from src.base.config import resolve, training_parser; from src.ft.method import METHOD; "
         "c = resolve(METHOD, training_parser('x').parse_args(sys.argv[1:])); "
@@ -48,3 +50,15 @@ def test_scst_defaults_to_a_constant_quarter_of_the_methods_rate_and_flags_still
         assert (scst.lr, scst.lr_schedule, scst.warmup_ratio) == (method.default_lr * 0.25, "constant", 0.0)
     given = config(FT, "--objective", "scst", "--lr", "1e-6", "--lr-schedule", "cosine", "--warmup-ratio", "0.1")
     assert (given.lr, given.lr_schedule, given.warmup_ratio) == (1e-6, "cosine", 0.1)
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    ("src.ft.train", ["--max-step", "5"], "--max-step (did you mean --max-steps?)"),  # once taken for --max-steps
+    ("src.peft.test", ["--splt=val"], "--splt (did you mean --split?)"),
+    ("src.base.evaluate", ["--annotation", "a.json"], "--annotation (did you mean --annotations?)"),
+    ("scripts.get_data", ["--data-di", "d"], "--data-di (did you mean --data-dir?)"),
+    ("scripts.sweep", ["run", "s.yaml", "--tas", "2"], "--tas (did you mean --task?)"),  # a subcommand's flag
+    ("src.ft.resume", ["--colour"], "--colour (see --help)")])
+def test_abbreviated_and_unknown_flags_are_refused_in_one_line_with_the_closest_flag(module, argv, expected):
+    result = run_module(module, *argv, check=False)
+    assert (result.returncode, result.stderr) == (2, f"error: unrecognized argument {expected}\n")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import constants as C
+from .cli import ArgumentParser
 from .helpers import UserError, write_json_atomic
 from .precision import PRECISIONS
 
@@ -158,13 +159,6 @@ def _check(config):
         raise UserError("--compile applies to cross-entropy training only (SCST samples captions each step)")
     if config.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (exit status 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def training_parser(description, checkpoint_help="starting model: hub name or local directory",
