@@ -248,8 +248,8 @@ def test_bad_input_gives_one_line_and_status_2_and_overwrites_nothing(case, tmp_
         argv, expected = base + ["--data-dir", str(data)], "train.json: missing field 'images'"
     elif case == "missing data dir":
         argv, expected = base + ["--data-dir", str(tmp_path / "nowhere")], "nowhere: data directory does not exist"
-    elif case == "missing checkpoint":
-        argv, expected = base + ["--checkpoint", str(tmp_path / "no-model")], "--checkpoint"
+    elif case == "missing checkpoint":  # --fresh: a resumed run ignores --checkpoint; nothing is deleted before it loads
+        argv, expected = base + ["--checkpoint", str(tmp_path / "no-model"), "--fresh"], "--checkpoint"
     elif case == "zero batch size":
         argv, expected = base + ["--batch-size", "0"], "--batch-size must be positive"
     elif case == "not a number":

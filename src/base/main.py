@@ -30,9 +30,11 @@ def _time_limit(args):
     return parse_time_limit(C.TIME_LIMIT, "TIME_LIMIT")
 
 
-def _start(method, args, saved, log_name):
-    """Resolve the configuration, check the output directory is writable, log to it."""
-    config = run_config.resolve(method, args, saved)
+def _start(method, args, saved, log_name, resuming=False):
+    """Resolve the configuration, check the output directory is writable, log to it (when `resuming` the run
+    `saved`, first which flags it ignored or applied)."""
+    resuming = resuming and saved is not None  # a state without its config.json: the flags given make the config
+    config = run_config.resolve(method, args, saved, resuming)
     output_dir = Path(config.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -42,6 +44,9 @@ def _start(method, args, saved, log_name):
     except OSError as error:
         raise UserError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error})")
     setup_logging(output_dir / log_name if main_process() else None)  # one log file, written by rank 0
+    if resuming:
+        for note in run_config.resume_notes(config, saved, args):
+            log.warning(note)
     return config
 
 
@@ -65,7 +70,7 @@ def train_main(method, argv=None):
         requeued = args.fresh and saved is not None and is_requeue_of(saved.get("job"))
         fresh = args.fresh and not requeued
         resuming = has_training_state(output_dir) and not fresh
-        config = _start(method, args, saved if resuming else None, "train.log")
+        config = _start(method, args, saved if resuming else None, "train.log", resuming)
         if requeued and resuming:
             log.info(f"job {current_job()} was requeued: resuming the run it started in {output_dir} (--fresh starts "
                      f"over only at a job's first start)")
@@ -92,7 +97,7 @@ def resume_main(method, argv=None):
         if saved is None or not has_training_state(output_dir):
             raise UserError(f"{output_dir}: no training state to resume (no {run_config.CONFIG_FILE} and "
                             f"{STATE_DIR}/); start a run with python -m src.{method.name}.train --output-dir {output_dir}")
-        config = _start(method, args, saved, "train.log")
+        config = _start(method, args, saved, "train.log", resuming=True)
         return _run(Trainer(method, config, time_limit=time_limit, stop=stop))
 
 
