@@ -53,6 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.cache_images import build_cache  # noqa: E402
+from src.base.cli import ArgumentParser  # noqa: E402
 from src.base.data import CaptionCollator, ImageRecord, ImageTransform, default_num_workers, load_image  # noqa: E402
 from src.base.engine import LossModule, caption_records, training_step  # noqa: E402
 from src.base.precision import MasterWeights, to_bf16_weights  # noqa: E402
@@ -423,7 +424,7 @@ def bench_loading(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=list(FAMILIES), default="blip", help="captioner family (default blip)")
     parser.add_argument("--shape", choices=sorted({s for shapes in SHAPES.values() for s in shapes}), default=None,
                         help="model shapes, by family (see above; default: the family's CPU or GPU default)")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.base import constants as C  # noqa: E402
+from src.base.cli import ArgumentParser  # noqa: E402
 from src.base.data import (BadImage, ImageTransform, cache_files, default_cache_dir, default_num_workers,  # noqa: E402
                            file_signature, load_split)
 from src.base.helpers import exit_on_user_error, log, setup_logging, write_json_atomic  # noqa: E402
@@ -85,7 +86,7 @@ def build_cache(records, transform, cache_dir, split, workers=0):
 
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=C.DATA_DIR, help="VizWiz root (annotations/ and train/ val/ test/)")
     parser.add_argument("--checkpoint", default=C.FT_CHECKPOINT, help="its processor gives the input size and filter")
     parser.add_argument("--splits", nargs="+", choices=["train", "val", "test"], default=["train", "val", "test"])

@@ -44,6 +44,7 @@ from src.base import constants as C  # noqa: E402  (first: it exports HF_HOME, w
 from huggingface_hub import list_repo_files, snapshot_download  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from src.base.cli import ArgumentParser  # noqa: E402
 from src.base.hub import cache_dir  # noqa: E402
 from src.base.data import SPLITS, BadImage, annotation_path, default_num_workers, load_image, load_split  # noqa: E402
 from src.base.families import FAMILIES  # noqa: E402
@@ -334,7 +335,7 @@ def fetch_checkpoints(names):
 
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=C.DATA_DIR, help="where the VizWiz layout goes (default: DATA_DIR)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
     parser.add_argument("--checkpoints", nargs="?", const="", metavar="all|NAME[,NAME...]",

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.base import constants as C  # noqa: E402
+from src.base.cli import ArgumentParser  # noqa: E402
 
 PRECANNED = "Quality issues are too severe to recognize visual content."
 COLORS = {
@@ -259,7 +260,7 @@ def make_tiny_blip2(out_dir, image_size=32, seed=0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=C.DEMO_DIR, help="writes <out>/vizwiz, <out>/tiny-blip, <out>/tiny-git and <out>/tiny-blip2 (default: DEMO_DIR)")
     parser.add_argument("--train", type=int, default=400, help="training images")
     parser.add_argument("--val", type=int, default=60, help="validation images")

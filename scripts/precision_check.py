@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.base import constants as C  # noqa: E402
+from src.base.cli import ArgumentParser  # noqa: E402
 from src.base.config import resolve, training_parser  # noqa: E402
 from src.base.engine import Trainer  # noqa: E402
 from src.base.helpers import setup_logging  # noqa: E402
@@ -21,7 +22,7 @@ from src.ft.method import METHOD  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default=C.DEMO_DIR, help="made by scripts/make_demo_assets.py")
     parser.add_argument("--out", default=str(Path(C.RESULTS_DIR) / "precision"))
     parser.add_argument("--steps", type=int, default=300)

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.base.cli import ArgumentParser  # noqa: E402
 from src.base.report import device_hours, load_run, plot_sweep  # noqa: E402
 
 SWEEP_FILE = "sweep.json"
@@ -144,7 +145,7 @@ def write_csv(rows, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories, or sweep output roots (holding sweep.json)")
     parser.add_argument("--full", metavar="FILE", help="where the table with every column goes (default: summary.md "
                                                        "in the directory that holds the runs)")

@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from scripts.summarize import SWEEP_FILE, format_table, ranked_rows  # noqa: E402
 from src.base import constants as C  # noqa: E402
-from src.base.config import ArgumentParser, training_parser  # noqa: E402
+from src.base.cli import ArgumentParser  # noqa: E402
+from src.base.config import training_parser  # noqa: E402
 from src.base.helpers import UserError, exit_on_user_error, write_json_atomic  # noqa: E402
 
 SWEEP_KEYS = {"name", "method", "output_root", "fixed", "grid", "random", "test"}

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from src.base.cli import ArgumentParser  # noqa: E402
 
 PALETTE = {"pink": (235, 120, 170), "brown": (120, 70, 30), "grey": (128, 128, 128), "teal": (0, 128, 128),
            "navy": (20, 30, 110), "beige": (225, 210, 170), "maroon": (120, 20, 40), "lime": (160, 230, 40)}
@@ -137,7 +138,7 @@ def make_set(kind, root, train=240, val=200, test=10, seed=7):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=sorted(GENERATORS))
     parser.add_argument("out")
     parser.add_argument("--train", type=int, default=240)

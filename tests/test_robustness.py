@@ -25,6 +25,7 @@ from src.base.engine import EXIT_NONFINITE, EXIT_STOPPED, Trainer
 from src.base.families.blip2 import QFORMER_LORA_TARGETS
 from src.base.precision import tf32_allowed
 from src.base.helpers import setup_logging
+from src.base.jobs import LOCK_FILE
 from src.base.main import resume_main, train_main
 from src.ft.method import METHOD as FT
 from src.peft.method import METHOD as PEFT
@@ -210,8 +211,10 @@ def test_strict_turns_a_bad_image_into_an_error(tmp_path, broken_data, tiny_blip
 # ---------------------------------------------------------------- bad input: one line, status 2, nothing overwritten
 
 def _digest(directory):
+    """Every file of a run directory and its hash, but the logs and the lock (where a run that starts notes who
+    holds it: jobs.RunLock)."""
     return {p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(directory).rglob("*")) if p.is_file() and p.suffix != ".log"}
+            for p in sorted(Path(directory).rglob("*")) if p.is_file() and p.suffix != ".log" and p.name != LOCK_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +248,8 @@ def test_bad_input_gives_one_line_and_status_2_and_overwrites_nothing(case, tmp_
         argv, expected = base + ["--data-dir", str(data)], "train.json: missing field 'images'"
     elif case == "missing data dir":
         argv, expected = base + ["--data-dir", str(tmp_path / "nowhere")], "nowhere: data directory does not exist"
-    elif case == "missing checkpoint":
-        argv, expected = base + ["--checkpoint", str(tmp_path / "no-model")], "--checkpoint"
+    elif case == "missing checkpoint":  # --fresh: a resumed run ignores --checkpoint; nothing is deleted before it loads
+        argv, expected = base + ["--checkpoint", str(tmp_path / "no-model"), "--fresh"], "--checkpoint"
     elif case == "zero batch size":
         argv, expected = base + ["--batch-size", "0"], "--batch-size must be positive"
     elif case == "not a number":
@@ -279,6 +282,73 @@ def test_command_line_errors_are_one_line_from_the_real_entry_point(tmp_path):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     result = run_module("src.peft.test", "--split", "train", check=False, subprocess=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "invalid choice" in result.stderr
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _assert_one_line_naming(result, path, *advice):
+    """Exit status 2 and one line on stderr: `error: <path>: <problem>; <what to do>`, never torch's advice to
+    unpickle with weights_only=False (which would run whatever the file holds)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {path}: "), result.stderr[-3000:]
+    assert "; " in result.stderr and all(words in result.stderr for words in advice), result.stderr
+    assert "weights_only" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("method, command", [("ft", "test"), ("ft", "train"), ("peft", "test"), ("peft", "train")])
+def test_a_truncated_best_model_is_one_line_naming_the_file_and_changes_nothing(method, command, tmp_path, straight,
+                                                                               demo_data):
+    run = tmp_path / "run"
+    shutil.copytree(straight[method], run)
+    damaged = run / "best_model" / ("model.safetensors" if method == "ft" else "adapter_model.safetensors")
+    _truncate(damaged)
+    before = _digest(run)
+    if command == "test":
+        result = run_module(f"src.{method}.test", "--output-dir", run, check=False)
+    else:  # a new run from it
+        result = run_module(f"src.{method}.train", "--data-dir", demo_data, "--checkpoint", run / "best_model",
+                            "--output-dir", tmp_path / "new", *FAST, "--max-steps", "2", check=False)
+    _assert_one_line_naming(result, damaged, "truncated", "--checkpoint")
+    assert _digest(run) == before
+
+
+class _RunsCode:
+    """A pickled object that creates a file when unpickled: what torch.load(weights_only=False) would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+STATE_DAMAGE = {
+    "trainable truncated": ("trainable.safetensors", _truncate),
+    "optimizer truncated": ("optimizer.pt", _truncate),
+    "optimizer garbage": ("optimizer.pt", lambda path: path.write_bytes(b"not a torch file" * 64)),
+    "optimizer pickles code": ("optimizer.pt", lambda path: torch.save(
+        {"optimizer": _RunsCode(path.parent.parent / "pwned")}, path)),
+    "progress invalid json": ("progress.json", lambda path: path.write_text(path.read_text()[:-10])),
+    "progress missing keys": ("progress.json", lambda path: path.write_text(json.dumps({"step": 3}))),
+}
+
+
+@pytest.mark.parametrize("command", ["resume", "train"])  # train resumes a run it finds by default
+@pytest.mark.parametrize("damage", STATE_DAMAGE)
+def test_a_damaged_training_state_is_one_line_naming_the_file_and_changes_nothing(damage, command, tmp_path,
+                                                                                 finished_ft_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_ft_run, run)
+    name, spoil = STATE_DAMAGE[damage]
+    spoil(run / "state" / name)
+    before = _digest(run)
+    result = run_module(f"src.ft.{command}", "--output-dir", run, check=False)
+    _assert_one_line_naming(result, run / "state" / name, "--fresh", "backup", f"--checkpoint {run / 'best_model'}")
+    assert _digest(run) == before
+    assert not (run / "pwned").exists()
 
 
 # ---------------------------------------------------------------- failed saves

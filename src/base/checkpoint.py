@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .families import base_checkpoint
 from .helpers import UserError, fsync_dir, recover_dir, replace_dir_atomic, rng_state, set_rng_state, write_json_atomic
-from .modeling import core_model
+from .modeling import core_model, first_line
 
 STATE_DIR = "state"
 BEST_DIR = "best_model"
@@ -75,29 +77,95 @@ def has_training_state(output_dir):
 
 def load_training_state(output_dir, model, optimizer, scheduler, scaler, rank=0):
     """Restore weights, optimizer, scheduler, scaler and process `rank`'s RNG from `output_dir/state`; return its
-    Progress. A process the state has no RNG state for (the run had fewer processes) keeps its own seed."""
+    Progress. A process the state has no RNG state for (the run had fewer processes) keeps its own seed.
+    A file that cannot be used is a UserError naming it, raised before anything is restored."""
     state_dir = recover_dir(Path(output_dir) / STATE_DIR)
-    try:
-        weights = load_file(state_dir / "trainable.safetensors")
-        # written by this program (tensors and plain containers only): safe with weights_only
-        extra = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-        with open(state_dir / "progress.json") as f:
-            progress = Progress(**json.load(f))
-    except (OSError, RuntimeError, ValueError, TypeError) as error:
-        raise UserError(f"{state_dir}: training state cannot be read ({error})")
+    weights = _read_state_file(state_dir / "trainable.safetensors", load_file)
+    extra = _read_state_file(state_dir / "optimizer.pt", _load_tensors)
+    progress = _read_state_file(state_dir / "progress.json", _load_progress)
     expected = set(trainable_state(model))
-    if set(weights) != expected:
-        raise UserError(f"{state_dir}: saved weights do not match this model "
-                        f"({len(set(weights) ^ expected)} parameter names differ; was it made with another --checkpoint?)")
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    if scaler is not None and extra["scaler"] is not None:
-        scaler.load_state_dict(extra["scaler"])
+    try:
+        if set(weights) != expected:
+            raise ValueError(f"{len(set(weights) ^ expected)} parameter names differ")
+        model.load_state_dict(weights, strict=False)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: sizes differ
+        raise _damaged(state_dir / "trainable.safetensors", f"weights do not fit this model "
+                       f"({str(error).strip().splitlines()[-1].strip()}; was the run's --checkpoint changed?)")
+    try:
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        if scaler is not None and extra["scaler"] is not None:
+            scaler.load_state_dict(extra["scaler"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise _damaged(state_dir / "optimizer.pt", f"does not fit this run's optimizer ({type(error).__name__}: {error})")
     rng_states = extra["rng"] if isinstance(extra["rng"], list) else [extra["rng"]]  # older states: rank 0's only
     if rank < len(rng_states):
         set_rng_state(rng_states[rank])
     return progress
+
+
+def _load_tensors(path):
+    """optimizer.pt: the optimizer, scheduler, loss scaler and RNG states. weights_only: this program writes tensors
+    and plain containers only, and never unpickles anything else (a pickled object can run any code when loaded)."""
+    try:
+        extra = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused:  # torch's own message would advise weights_only=False, which would run that object's code
+            raise _damaged(path, f"holds a Python object ({refused.group(1)}), which is never unpickled (it could run "
+                                 f"code): not a state this program wrote")
+        raise _damaged(path, "truncated or damaged (not a file torch.save wrote)")
+    except Exception:  # torch's reader: a zip archive cut short or corrupted, and the like
+        raise _damaged(path, "truncated or damaged (not a complete file written by torch.save)")
+    if not isinstance(extra, dict) or not {"optimizer", "scheduler", "scaler", "rng"} <= set(extra):
+        raise _damaged(path, "holds no optimizer, scheduler and RNG state: not a state this program wrote")
+    return extra
+
+
+def _load_progress(path):
+    """progress.json: where the run is (Progress)."""
+    with open(path) as f:
+        try:
+            saved = json.load(f)
+        except ValueError as error:  # also UnicodeDecodeError
+            raise _damaged(path, f"not valid JSON ({error})")
+    missing = [name for name in PROGRESS_KEYS if not isinstance(saved, dict) or name not in saved]
+    if missing:
+        raise _damaged(path, f"missing {', '.join(missing)}: not a progress file this program wrote")
+    wrong = [name for name in PROGRESS_KEYS if type(saved[name]) not in (int, float)]
+    if wrong:
+        raise _damaged(path, f"{', '.join(wrong)} not a number")
+    fields = {f.name for f in dataclasses.fields(Progress)}
+    return Progress(**{key: value for key, value in saved.items() if key in fields})  # older states: fewer fields
+
+
+# Where a run is: without any of these a state cannot be resumed (the other fields of Progress came later and have
+# defaults)
+PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "best_cider", "best_step", "last_eval_step")
+
+
+def _read_state_file(path, read):
+    """`read(path)`; a file that is not there or cannot be parsed is a one-line UserError (the message of a library
+    that fails to parse a file it did not expect is no help to a user)."""
+    try:
+        return read(path)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise _damaged(path, "missing")
+    except PermissionError as error:
+        raise UserError(f"{path}: cannot be read ({error.strerror}); check its permissions")
+    except Exception as error:  # safetensors' SafetensorError, and whatever else a damaged file makes a parser raise
+        raise _damaged(path, f"truncated or damaged ({first_line(error)})")
+
+
+def _damaged(path, problem):
+    """A state file this run cannot resume from, and what the user can do about it."""
+    state_dir = path.parent
+    best = state_dir.parent / BEST_DIR
+    return UserError(f"{path}: {problem}; this run cannot resume: restore {state_dir} from a backup, or start over "
+                     f"with train --fresh (deletes this run)"
+                     + (f", or train a new run from --checkpoint {best} in another --output-dir" if best.is_dir() else ""))
 
 
 # The fields peft 0.11's LoraConfig knows; peft 0.11-0.13 refuse an adapter_config.json with any other key.

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import constants as C
+from .cli import ArgumentParser
 from .helpers import UserError, write_json_atomic
 from .precision import PRECISIONS
 
@@ -105,29 +106,99 @@ def check_method(saved, method, output_dir):
                         f"not '{method.name}' (use src.{saved.get('method')}.* or another --output-dir)")
 
 
-def resolve(method, args, saved=None):
-    """Merge defaults < `saved` (a resumed run's config) < flags the user actually gave."""
+# A resumed run (resume, or train on a directory that holds a run) takes a flag given with another value than the
+# saved run's only if it is listed here, and records it in config.json: these change how the same training is
+# computed, watched or found. Every other setting defines the run's trajectory or what its best validation CIDEr-D
+# means (learning rate, schedule, warm-up, weight decay, clipping, steps or epochs, batch size, seed, objective and
+# its settings, label smoothing, prompt, starting checkpoint, LoRA, which captions are kept and how long, image
+# preprocessing, validation decoding and subset): the optimizer and scheduler state would override some of them
+# anyway, and changing others mid-run makes a run that neither value describes. Those keep the saved value, and the
+# run logs which given flags it ignored (resume_notes). A field added to RunConfig keeps its saved value unless
+# listed here.
+CHANGEABLE_ON_RESUME = {
+    "output_dir", "data_dir",  # where the run and the data are (a job may stage the data on its node's disk)
+    "eval_every", "save_every", "save_every_minutes", "eval_at_start",  # when to validate and save
+    "eval_batch_size", "num_workers", "grad_accum", "grad_checkpointing", "compile",  # memory, speed: same gradient
+    "precision", "tf32",  # the arithmetic the GPU offers (a requeued job may land on another kind)
+    "strict", "val_meteor",  # whether a bad image stops the run; one more metric reported
+}
+
+
+def _absolute(key, value):
+    """Local paths made absolute, so that config.json and a LoRA adapter's base path work from any directory."""
+    if key in ("data_dir", "output_dir"):
+        return str(Path(value).expanduser().resolve())
+    if key == "checkpoint" and Path(value).exists():  # else a hub name
+        return str(Path(value).resolve())
+    return value
+
+
+def given_settings(args):
+    """The settings the command line gives (flags left out are None), by RunConfig field."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    given = {k: _absolute(k, v) for k, v in vars(args).items() if v is not None and k in fields}
+    if getattr(args, "keep_rejected", False):
+        given["drop_rejected"] = False
+    if getattr(args, "keep_precanned", False):
+        given["drop_precanned"] = False
+    return given
+
+
+def resolve(method, args, saved=None, resuming=False):
+    """Merge defaults < `saved` (the run in --output-dir) < flags the user actually gave; `resuming` that run, only
+    the flags in CHANGEABLE_ON_RESUME (resume_notes says which others were given)."""
     values = defaults(method)
     if saved:
         check_method(saved, method, args.output_dir or values["output_dir"])
         values.update(saved)
-    given = {k: v for k, v in vars(args).items() if v is not None and k in values}
-    if given.get("objective") == "scst" and not saved:
+    given = given_settings(args)
+    if resuming:
+        _check(RunConfig(**{**values, **given}))  # an ignored flag is still refused if it makes no sense
+        given = {k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}
+    elif given.get("objective") == "scst" and not saved:
         # warm-up and decay are cross-entropy habits; self-critical.pytorch trains SCST at a small constant rate
         values.update(lr=method.default_lr * C.SCST_LR_FRACTION, lr_schedule="constant", warmup_ratio=0.0)
     values.update(given)
-    # absolute local paths: config.json and a LoRA adapter's base path then work from any directory
-    for key in ("data_dir", "output_dir"):
-        values[key] = str(Path(values[key]).expanduser().resolve())
-    if Path(values["checkpoint"]).exists():  # else a hub name
-        values["checkpoint"] = str(Path(values["checkpoint"]).resolve())
-    if args.keep_rejected:
-        values["drop_rejected"] = False
-    if args.keep_precanned:
-        values["drop_precanned"] = False
+    values = {k: _absolute(k, v) for k, v in values.items()}
     config = RunConfig(**values)
     _check(config)
     return config
+
+
+def resume_notes(config, saved, args):
+    """The log lines of a resumed run: the flags given that it ignored, and the settings that changed."""
+    ignored = [f"{_as_flag(k, v)} (stays {_as_value(k, getattr(config, k))})"
+               for k, v in given_settings(args).items() if v != getattr(config, k)]
+    if getattr(args, "find_batch_size", None):
+        ignored.append(f"--find-batch-size (new runs only; stays --batch-size {config.batch_size})")
+    changed = [f"{_as_flag(k, getattr(config, k))} (was {_as_value(k, saved[k])})" for k in sorted(CHANGEABLE_ON_RESUME)
+               if k != "output_dir" and k in saved and getattr(config, k) != saved[k]]
+    notes = []
+    if ignored:
+        notes.append(f"flags IGNORED on resume: {', '.join(ignored)}: a resumed run keeps the settings that define "
+                     f"its training; to train with these, start a new run (--fresh, or another --output-dir with "
+                     f"--checkpoint {Path(config.output_dir) / 'best_model'})")
+    if changed:
+        notes.append(f"changed on resume: {', '.join(changed)}; recorded in {Path(config.output_dir) / CONFIG_FILE}")
+    return notes
+
+
+def _as_flag(key, value):
+    """The flag that gives RunConfig field `key` the value `value`."""
+    if key in ("drop_rejected", "drop_precanned"):  # set only by --keep-rejected, --keep-precanned
+        return f"--keep-{key[len('drop_'):]}"
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {_as_value(key, value)}"
+
+
+def _as_value(key, value):
+    if key in ("drop_rejected", "drop_precanned"):
+        return "dropped" if value else "kept"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return repr(value) if isinstance(value, str) and (not value or " " in value) else str(value)
 
 
 def _check(config):
@@ -158,13 +229,6 @@ def _check(config):
         raise UserError("--compile applies to cross-entropy training only (SCST samples captions each step)")
     if config.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (exit status 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def training_parser(description, checkpoint_help="starting model: hub name or local directory",

@@ -324,17 +324,19 @@ class Trainer:
 
     def _run(self):
         p = self.progress
-        if self.processes.is_main:
-            if self.fresh:
-                clear_run(self.output_dir)
-            self.config.save()
+        if self.processes.is_main and self.fresh:
+            clear_run(self.output_dir)
         self.processes.wait()
-        if has_training_state(self.output_dir):
+        resuming = has_training_state(self.output_dir)
+        if resuming:  # read before anything is written: a damaged state leaves the run directory as it was
             with full_precision(self.master):  # bf16-weights: the saved fp32 weights fill the master copies
                 self.progress = p = load_training_state(self.output_dir, self.model, self.optimizer, self.scheduler,
                                                         self.scaler, self.processes.rank)
-            if self.processes.is_main:
+        if self.processes.is_main:
+            self.config.save()
+            if resuming:
                 _truncate_metrics(self.output_dir, p.step)
+        if resuming:
             log.info(f"resumed from {self.output_dir / 'state'} at step {p.step} (epoch {p.epoch}, "
                      f"batch {p.batch_in_epoch}, best CIDEr {p.best_cider:.4f})")
         log.info(parameter_summary(self.model))

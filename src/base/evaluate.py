@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import constants as C
-from .config import ArgumentParser
+from .cli import ArgumentParser
 from .data import load_annotations, with_captions
 from .helpers import UserError, exit_on_user_error, log
 from .jobs import children_in_own_session

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from .families import base_checkpoint, load_captioner
 from .helpers import UserError
+from .modeling import check_weight_files
 
 
 def add_lora(model, r, alpha, dropout, targets):
@@ -26,6 +27,7 @@ def load_lora(adapter_dir, trainable=False):
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no adapter_config.json here (not a LoRA adapter saved by src.peft)")
+    check_weight_files(adapter_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PeftModel.from_pretrained(load_captioner(base_checkpoint(adapter_dir)), adapter_dir,

@@ -30,11 +30,13 @@ def _time_limit(args):
     return parse_time_limit(C.TIME_LIMIT, "TIME_LIMIT")
 
 
-def _start(method, args, saved, log_name):
-    """Check the device (a job that asked for a GPU stops here if torch sees none), resolve the configuration,
-    check the output directory is writable, log to it."""
+def _start(method, args, saved, log_name, resuming=False):
+    """Check the device (a job that asked for a GPU stops here if torch sees none), resolve the configuration (when
+    `resuming` the run `saved`, only the flags a resume may change), check the output directory is writable, log to
+    it."""
     check_device(args.allow_cpu)
-    config = run_config.resolve(method, args, saved)
+    resuming = resuming and saved is not None  # a state without its config.json: the flags given make the config
+    config = run_config.resolve(method, args, saved, resuming)
     output_dir = Path(config.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +47,12 @@ def _start(method, args, saved, log_name):
         raise UserError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error})")
     setup_logging(output_dir / log_name if main_process() else None)  # one log file, written by rank 0
     return config
+
+
+def _say_what_resuming_kept(config, saved, args):
+    """Which given flags a resumed run ignored, and which it applied (after the log's first line)."""
+    for note in run_config.resume_notes(config, saved, args):
+        log.warning(note)
 
 
 @exit_on_user_error
@@ -68,7 +76,7 @@ def train_main(method, argv=None):
         requeued = args.fresh and saved is not None and is_requeue_of(saved.get("job"))
         fresh = args.fresh and not requeued
         resuming = has_training_state(output_dir) and not fresh
-        config = _start(method, args, saved if resuming else None, "train.log")
+        config = _start(method, args, saved if resuming else None, "train.log", resuming)
         if not resuming:
             config.job = current_job()
             if args.find_batch_size:
@@ -77,6 +85,8 @@ def train_main(method, argv=None):
                                     "processes with the --batch-size it finds")
                 config.batch_size = find_batch_size(method, config, start=args.find_batch_size)
         trainer = Trainer(method, config, fresh=fresh, time_limit=time_limit, stop=stop)
+        if resuming and saved is not None:
+            _say_what_resuming_kept(config, saved, args)
         if requeued and resuming:
             log.info(f"job {current_job()} was requeued: resuming the run it started in {output_dir} (--fresh starts "
                      f"over only at a job's first start)")
@@ -96,8 +106,10 @@ def resume_main(method, argv=None):
         if saved is None or not has_training_state(output_dir):
             raise UserError(f"{output_dir}: no training state to resume (no {run_config.CONFIG_FILE} and "
                             f"{STATE_DIR}/); start a run with python -m src.{method.name}.train --output-dir {output_dir}")
-        config = _start(method, args, saved, "train.log")
-        return _run(Trainer(method, config, time_limit=time_limit, stop=stop))
+        config = _start(method, args, saved, "train.log", resuming=True)
+        trainer = Trainer(method, config, time_limit=time_limit, stop=stop)
+        _say_what_resuming_kept(config, saved, args)
+        return _run(trainer)
 
 
 def _run(trainer):

@@ -3,6 +3,7 @@ checkpointing, parameter counts. What differs between families lives in src/base
 import logging
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ def load_pretrained(loader, checkpoint, what, **kwargs):
             warnings.simplefilter("ignore")
             return loader.from_pretrained(checkpoint, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         hub_name = is_hub_name(checkpoint)
         if hub_name and not in_cache(checkpoint):
             raise UserError(f"--checkpoint {checkpoint}: not in the Hugging Face cache ({cache_dir()}) and not "
@@ -35,11 +36,33 @@ def load_pretrained(loader, checkpoint, what, **kwargs):
         raise UserError(f"--checkpoint {checkpoint}: cannot load the {what} from this {where}: {reason}")
 
 
+def first_line(error):
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_weights(model_class, checkpoint, what, **options):
     """`model_class.from_pretrained(checkpoint)` with fp32 weights, whatever the device and whatever dtype the
     checkpoint was saved in (transformers 5 would keep that one): --precision decides afterwards what becomes bf16
     (precision.py)."""
+    if Path(checkpoint).is_dir():
+        check_weight_files(checkpoint)
     return load_pretrained(model_class, checkpoint, what, dtype=torch.float32, **options)
+
+
+def check_weight_files(directory):
+    """A one-line UserError naming the first *.safetensors file of `directory` that is cut short or damaged, found
+    from its header (a copy or a save that stopped part way); transformers and peft would end in a traceback."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+            raise UserError(f"{path}: truncated or damaged ({first_line(error)}); this model cannot be loaded: "
+                            f"copy it back from a backup, train it again, or use another --checkpoint")
 
 
 def core_model(model):
