@@ -20,8 +20,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "vizwiz_sample"  # 15 real VizWiz val photos (CC-BY 4.0, Gurari et al. 2020)
+# real files the tests read, all inside the repository (tests/fixtures/README.md: sources, licences)
+FIXTURES = REPO / "tests" / "fixtures"
+SAMPLE = FIXTURES / "vizwiz_sample"  # 15 real VizWiz val photos (CC-BY 4.0, Gurari et al. 2020)
+HUB_FILES = FIXTURES / "hub_files"  # the Salesforce BLIP checkpoints' config, tokenizer, image processor
+HUB_BASE = HUB_FILES / "blip-image-captioning-base"
+HUB_LARGE = HUB_FILES / "blip-image-captioning-large"
 sys.path.insert(0, str(REPO))
+
 
 from scripts.make_demo_assets import make_dataset, make_tiny_blip, make_tiny_blip2, make_tiny_git  # noqa: E402
 
