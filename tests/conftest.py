@@ -36,8 +36,8 @@ def _within(path, folder):
 
 
 _PARENT = os.path.realpath(REPO.parent)
-# what may lie in the clone's folder besides it: the environment (/work/main/.venv) and temporary files (a clone
-# directly in /tmp); an environment or /tmp that holds the whole folder would hide everything in it
+# what may lie in the clone's folder besides it: the environment (a venv next to the clone) and temporary files
+# (a clone directly in /tmp); an environment or /tmp that holds the whole folder would hide everything in it
 _MAY_LIE_BESIDE = [folder for folder in map(os.path.realpath, {sys.prefix, sys.base_prefix, tempfile.gettempdir()})
                    if _within(folder, _PARENT)]
 READS_BESIDE = []  # what a test opened or listed beside the clone, until its end (reads_nothing_beside_the_clone)
