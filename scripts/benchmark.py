@@ -354,7 +354,7 @@ def model_flops_utilisation(model, batch, optimizer, scheduler, precision, devic
 def sample_jpegs(directory, count):
     paths = sorted(Path(directory).glob("*.jpg"))
     if not paths:
-        raise SystemExit(f"error: {directory}: no JPEGs here (--sample-dir: real photos, e.g. tests/fixtures/vizwiz_sample/val)")
+        raise SystemExit(f"error: {directory}: no JPEGs here (--sample-dir: a folder of real photos)")
     return [paths[i % len(paths)] for i in range(count)]
 
 
