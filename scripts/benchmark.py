@@ -35,7 +35,7 @@ For GIT and BLIP-2 only our path is timed: the original template was BLIP's.
 cross-attending to random image features, with transformers' attention and with our fused attention: the same
 weights and inputs, the two alternating step by step; the median step of each is reported.
 
-Also measured: JPEG loading per core on the real VizWiz sample photos (../shared/vizwiz_sample),
+Also measured: JPEG loading per core on the real VizWiz sample photos (tests/fixtures/vizwiz_sample),
 peak memory, and on a GPU the model FLOPs utilisation (FLOPs counted by torch's FlopCounterMode).
 """
 import argparse
@@ -61,8 +61,9 @@ from src.base.families import Blip, Blip2, Git  # noqa: E402
 from src.base.families.blip import use_fused_attention  # noqa: E402
 from src.base.objectives import CrossEntropy  # noqa: E402
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "vizwiz_sample" / "val"
-BERT_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "hub_files" / "blip-image-captioning-base"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"  # real files kept in the repository
+SAMPLE_DIR = FIXTURES / "vizwiz_sample" / "val"
+BERT_TOKENIZER_DIR = FIXTURES / "hub_files" / "blip-image-captioning-base"
 PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 66.9}, "H200": {"bf16": 989.4, "fp32": 66.9},
                "A100": {"bf16": 312.0, "fp32": 19.5}}
 VIZWIZ_TRAIN_CAPTIONS, VIZWIZ_TRAIN_IMAGES, VIZWIZ_VAL_IMAGES = 117_155, 23_431, 7_750
@@ -140,15 +141,9 @@ def blip2_config(shape, image_size):
 
 
 def bert_tokenizer():
-    """bert-base-uncased's tokenizer (BLIP's and GIT's), from the shared hub files when present, else a BERT tokenizer
-    over the demo's vocabulary (as make_demo_assets builds for the tiny models): the benchmark times decoding, not
-    the caption text, and generated ids beyond the vocabulary decode as [UNK]."""
+    """bert-base-uncased's tokenizer (BLIP's and GIT's), from the Salesforce files kept in tests/fixtures."""
     from transformers import BertTokenizer
-    if (BERT_TOKENIZER_DIR / "vocab.txt").is_file():
-        return BertTokenizer.from_pretrained(BERT_TOKENIZER_DIR)
-    from scripts.make_demo_assets import vocabulary
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + vocabulary()
-    return BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
+    return BertTokenizer.from_pretrained(BERT_TOKENIZER_DIR)
 
 
 def processor_for(family, image_size):
@@ -361,7 +356,7 @@ def model_flops_utilisation(model, batch, optimizer, scheduler, precision, devic
 def sample_jpegs(directory, count):
     paths = sorted(Path(directory).glob("*.jpg"))
     if not paths:
-        raise SystemExit(f"error: {directory}: no JPEGs here (--sample-dir: real photos, e.g. ../shared/vizwiz_sample/val)")
+        raise SystemExit(f"error: {directory}: no JPEGs here (--sample-dir: a folder of real photos)")
     return [paths[i % len(paths)] for i in range(count)]
 
 

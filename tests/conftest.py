@@ -20,8 +20,61 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "vizwiz_sample"  # 15 real VizWiz val photos (CC-BY 4.0, Gurari et al. 2020)
+# real files the tests read, all inside the repository (tests/fixtures/README.md: sources, licences)
+FIXTURES = REPO / "tests" / "fixtures"
+SAMPLE = FIXTURES / "vizwiz_sample"  # 15 real VizWiz val photos (CC-BY 4.0, Gurari et al. 2020)
+HUB_FILES = FIXTURES / "hub_files"  # the Salesforce BLIP checkpoints' config, tokenizer, image processor
+HUB_BASE = HUB_FILES / "blip-image-captioning-base"
+HUB_LARGE = HUB_FILES / "blip-image-captioning-large"
 sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------- nothing read from beside the clone
+
+def _within(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+_PARENT = os.path.realpath(REPO.parent)
+# what may lie in the clone's folder besides it: the environment (a venv next to the clone) and temporary files
+# (a clone directly in /tmp); an environment or /tmp that holds the whole folder would hide everything in it
+_MAY_LIE_BESIDE = [folder for folder in map(os.path.realpath, {sys.prefix, sys.base_prefix, tempfile.gettempdir()})
+                   if _within(folder, _PARENT)]
+READS_BESIDE = []  # what a test opened or listed beside the clone, until its end (reads_nothing_beside_the_clone)
+
+
+def beside_the_clone(path):
+    """Whether `path` lies in the folder that holds the repository but not in the repository, like ../shared: a
+    fresh clone elsewhere would not find it. Hidden folders there (~/.cache, ~/.local for a clone in the home
+    folder), the environment and temporary files do not count; nor does anything when the clone's folder is /."""
+    path = os.path.realpath(path)
+    return (_PARENT != os.sep and path != _PARENT and _within(path, _PARENT) and not _within(path, str(REPO))
+            and not any(_within(path, folder) for folder in _MAY_LIE_BESIDE)
+            and not os.path.relpath(path, _PARENT).startswith("."))
+
+
+def _record_reads_beside_the_clone(event, args):
+    if event in ("open", "os.listdir", "os.scandir") and isinstance(args[0], (str, bytes, os.PathLike)):
+        try:
+            path = os.fsdecode(args[0])
+            if beside_the_clone(path):
+                READS_BESIDE.append(path)
+        except ValueError:  # a path with a NUL byte: the call itself reports it
+            pass
+
+
+sys.addaudithook(_record_reads_beside_the_clone)  # every file this process opens or lists, from here on
+
+
+@pytest.fixture(autouse=True)
+def reads_nothing_beside_the_clone():
+    """Fails a test that read a file beside the clone (from its collection, fixtures or body; its subprocesses are
+    not watched): every file a test reads is in the repository or made by the test."""
+    yield
+    found = list(dict.fromkeys(READS_BESIDE))
+    READS_BESIDE.clear()
+    if found:
+        pytest.fail(f"read outside the repository (a fresh clone has none of it): {', '.join(found[:5])}")
 
 from scripts.make_demo_assets import make_dataset, make_tiny_blip, make_tiny_blip2, make_tiny_git  # noqa: E402
 

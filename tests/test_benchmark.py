@@ -3,15 +3,16 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, SAMPLE
+from conftest import REPO
 
 
 def test_benchmark_runs_and_writes_json(tmp_path):
+    """With its default real photos and tokenizer, which the repository carries (tests/fixtures)."""
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--shape", "tiny", "--image-size", "64", "--steps", "1",
          "--warmup", "0", "--batch-images", "2", "--caption-images", "4", "--caption-batch", "4", "--new-tokens", "3",
-         "--sample-dir", str(SAMPLE / "val"), "--json", str(out)],
+         "--json", str(out)],
         cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -28,8 +29,7 @@ def test_benchmark_other_families(tmp_path):
         result = subprocess.run(
             [sys.executable, "scripts/benchmark.py", "--family", family, "--shape", "tiny", "--image-size", "32",
              "--steps", "1", "--warmup", "0", "--batch-images", "2", "--caption-images", "2", "--caption-batch", "2",
-             "--new-tokens", "2", "--num-beams", "1", "--skip", "loading", "--sample-dir", str(SAMPLE / "val"),
-             "--json", str(out)],
+             "--new-tokens", "2", "--num-beams", "1", "--skip", "loading", "--json", str(out)],
             cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads(out.read_text())

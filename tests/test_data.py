@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import BlipImageProcessor
 
-from conftest import SAMPLE, write_annotations
+from conftest import HUB_BASE, SAMPLE, write_annotations
 from src.base.config import resolve, training_parser
 from src.base.data import ImageTransform, load_image, load_split, with_captions, BadImage
 from src.base.engine import Trainer
@@ -143,7 +143,7 @@ def test_real_vizwiz_sample_loads():
 @pytest.fixture(scope="module")
 def blip_image_processor():
     """The real BLIP checkpoints' image processor (the hub's preprocessor_config.json: 384x384, bicubic)."""
-    return BlipImageProcessor.from_pretrained(SAMPLE.parent / "hub_files" / "blip-image-captioning-base")
+    return BlipImageProcessor.from_pretrained(HUB_BASE)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,12 @@ its configuration, so the same tests hold for any GIT checkpoint.
 import pytest
 import torch
 
-from conftest import (FAST, assert_checkpointing_keeps_the_gradient, assert_sequence_log_probs_are_the_models,
-                      assert_test_writes_one_caption_per_image, family_caption_batch, random_images, read_metrics,
-                      run_module, sharp_family_model, short_scst_run)
+from conftest import (FAST, HUB_BASE, assert_checkpointing_keeps_the_gradient,
+                      assert_sequence_log_probs_are_the_models, assert_test_writes_one_caption_per_image,
+                      family_caption_batch, random_images, read_metrics, run_module, sharp_family_model, short_scst_run)
 from src.base.families import load_family
 from src.base.lora import add_lora
 from src.base.modeling import parameter_summary
-
-HUB_FILES = __import__("conftest").REPO.parent / "shared" / "hub_files"
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +125,7 @@ def test_the_real_bert_base_uncased_tokenizer(tmp_path):
 
     tiny = make_tiny_git(tmp_path / "git")
     processor = GitProcessor.from_pretrained(tiny)
-    real = BertTokenizer.from_pretrained(HUB_FILES / "blip-image-captioning-base")
+    real = BertTokenizer.from_pretrained(HUB_BASE)
     GitProcessor(image_processor=processor.image_processor, tokenizer=real).save_pretrained(tiny)
     family = load_family(tiny)
     assert (family.start_ids(), family.end_id, family.pad_id) == ([101], 102, 0)

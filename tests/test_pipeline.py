@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_module
+from conftest import FAST, HUB_LARGE, read_metrics, run_module
 from scripts.make_demo_assets import PRETRAIN_TEMPLATES, make_dataset
 from src.base.data import load_split, with_captions
 from src.base.evaluate import score_captions
@@ -96,10 +96,7 @@ def test_lora_on_blip_large_has_614400_trainable_parameters():
     from src.base.lora import add_lora
     from src.base.modeling import parameter_summary
 
-    config = BlipConfig(
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=384, patch_size=16),
-        text_config=dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, num_hidden_layers=12))
+    config = BlipConfig.from_pretrained(HUB_LARGE)  # the hub's BLIP-large configuration
     with torch.device("meta"):  # shapes only, no memory
         model = add_lora(BlipForConditionalGeneration(config), r=8, alpha=32, dropout=0.1, targets=["query", "value"])
     assert parameter_summary(model).startswith("trainable params: 614,400 ||")

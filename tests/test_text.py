@@ -1,6 +1,6 @@
 """Captions come out as references write them: decode(encode(caption)) gives the caption's own PTB tokens.
 
-With the real Salesforce tokenizer (bert-base-uncased, ../shared/hub_files), every caption of the real
+With the real Salesforce tokenizer (bert-base-uncased, tests/fixtures/hub_files), every caption of the real
 VizWiz sample and the hard cases in tests/data/hard_captions.txt (possessives, contractions, hyphens,
 prices, times, brand names) is encoded as training encodes it, decoded as validation and test decode
 generated tokens (Family.decode), and both are tokenised by the Java PTB tokenizer the challenge server uses.
@@ -12,12 +12,11 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-from conftest import REPO, SAMPLE
+from conftest import HUB_BASE, REPO, SAMPLE
 from src.base.families.blip import Blip
 from src.base.ptb import java_available, tokenize
 from src.base.text import tidy_caption, training_caption
 
-HUB_BASE = REPO.parent / "shared" / "hub_files" / "blip-image-captioning-base"
 # What still differs, and why: BERT's uncased tokenizer strips accents and case, which PTB sometimes needs
 KNOWN_DIFFERENCES = {
     "an at & t store receipt",  # PTB splits it, keeps "AT&T" whole; same tokens: decoding writes AT&T (text.py)
