@@ -259,17 +259,16 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.device)
         set_tf32(self.precision, config.tf32, self.device)
         seed_everything(config.seed)  # the same on every process: the same initial model (LoRA's too)
+        # data: every kept caption of every training image, each epoch (read first: no data, nothing else matters)
+        self.train_records = _load_records(config, "train")
+        self.val_records = _load_records(config, "val")
+        if config.val_max_images > 0:
+            self.val_records = self.val_records[: config.val_max_images]
         self.family = load_family(config.checkpoint, config.prompt)
         self.processor = self.family.processor
         objective = "self-critical training" if config.objective == "scst" else "cross-entropy training"
         log.info(describe_run(f"src.{method.name}.train: {method.title}, {objective}", config.checkpoint, config,
                               self.family, self.device, self.precision, self.processes.world))
-
-        # data: every kept caption of every training image, each epoch
-        self.train_records = _load_records(config, "train")
-        self.val_records = _load_records(config, "val")
-        if config.val_max_images > 0:
-            self.val_records = self.val_records[: config.val_max_images]
         self.model = to_device(method.build(config, self.family), self.device)
         if config.grad_checkpointing:
             enable_activation_checkpointing(self.model)
