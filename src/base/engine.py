@@ -359,7 +359,8 @@ class Trainer:
 
         self.clock = self.last_save = time.time()
         self.budget.start_lap()
-        with ProgressBar(self.total_steps, "training", "step", initial=p.step, enabled=self.processes.is_main) as self.bar:
+        with ProgressBar(self.total_steps, "training", "step", initial=p.step,
+                         enabled=self.processes.is_main) as self.bar:
             status = self._validate() if p.eval_pending else None  # a validation a signal cut short
             while status is None and not self._finished():
                 self.sampler.set_epoch(p.epoch, p.batch_in_epoch)

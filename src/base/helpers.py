@@ -31,12 +31,14 @@ def exit_on_user_error(main):
     return wrapper
 
 
-def setup_logging(log_file=None):
-    """Log to the console and, when given, to `log_file` (appending, so resumed runs keep one log)."""
+def setup_logging(log_file=None, quiet=False):
+    """Log to the console and, when given, to `log_file` (appending, so resumed runs keep one log). `quiet`: the
+    console gets warnings only (the other processes of a multi-process run: rank 0 says the rest once)."""
     log.setLevel(logging.INFO)
     log.handlers.clear()
     log.propagate = False
     console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
     if log_file is not None:

@@ -45,7 +45,7 @@ def _start(method, args, saved, log_name, resuming=False):
         probe.unlink()
     except OSError as error:
         raise UserError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error})")
-    setup_logging(output_dir / log_name if main_process() else None)  # one log file, written by rank 0
+    setup_logging(output_dir / log_name if main_process() else None, quiet=not main_process())  # rank 0 logs
     return config
 
 
