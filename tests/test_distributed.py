@@ -177,11 +177,11 @@ def test_two_processes_train_like_one_and_stop_together_mid_validation(tmp_path,
 
     two = tmp_path / "two"
     job = multi_gpu_train("ft", *args, "--output-dir", two)
-    seen = []  # the job's output so far, read as it comes (tqdm draws "validating" when the pass starts)
+    seen = []  # the job's output so far, read as it comes
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: job.stdout.read(1), "")), daemon=True)
     reader.start()
     job.communicate = lambda timeout: (job.wait(timeout), reader.join(timeout), ("".join(seen), None))[-1]
-    output = notify_and_end_the_job(job, two, when=lambda: "validating" in "".join(seen))
+    output = notify_and_end_the_job(job, two, when=lambda: "step 5: validating on " in "".join(seen))
     assert job.returncode == 99, output[-3000:]
     assert "stopped by SIGUSR1, state saved: exit 99" in output
     state = json.loads((two / "state" / "progress.json").read_text())

@@ -250,7 +250,8 @@ class Trainer:
         """`time_limit`: seconds from the process's start (--time-limit), or None. `stop`: the StopSignals of the
         entry point, installed before the model loads (run() installs its own otherwise)."""
         self.config, self.fresh = config, fresh
-        self.stop = stop or StopSignals()
+        self.stop = stop or StopSignals()  # the signals this process received
+        self.stopping = None  # what the processes agreed to stop for (_agree_on_stop)
         self.budget = TimeBudget(time_limit)
         self.saved_at = None  # where the last state save was: a stop for time right after it need not save again
         self.output_dir = Path(config.output_dir)
@@ -349,8 +350,8 @@ class Trainer:
             log.info(f"nothing to do: the run already reached step {p.step} of {self.total_steps}")
             return 0
         self._agree_on_stop()
-        if self.stop.received:  # while the run was starting: the state on disk is as it was
-            log.info(f"received {self.stop.received} before the first step: nothing new to save; exiting with "
+        if self.stopping:  # while the run was starting: the state on disk is as it was
+            log.info(f"received {self.stopping} before the first step: nothing new to save; exiting with "
                      f"status {EXIT_STOPPED}. Resubmit the same command (or run src.<method>.resume) to continue.")
             return EXIT_STOPPED
         if p.step == 0 and p.last_eval_step < 0 and self.config.eval_at_start:
@@ -413,7 +414,7 @@ class Trainer:
             return self._validate() or self._stop_if_out_of_time("step")
         save_due = stepped and self.config.save_every > 0 and p.step % self.config.save_every == 0
         (save_by_clock,) = self._agree_on_stop(time.time() - self.last_save > 60 * self.config.save_every_minutes)
-        if save_due or save_by_clock or self.stop.received:
+        if save_due or save_by_clock or self.stopping:
             self._save_state()
         return self._stop_if_signalled() or self._stop_if_out_of_time("step")
 
@@ -432,7 +433,7 @@ class Trainer:
         """Asked before each validation batch, by every process together: a stop signal (to any of them), or only
         the final save's time left (the first validation has no measured length to check against beforehand)."""
         (out_of_time,) = self._agree_on_stop(not self.budget.fits())
-        return bool(self.stop.received) or out_of_time > 0
+        return bool(self.stopping) or out_of_time > 0
 
     def _step(self, batch, captions, images):
         """One update and its bookkeeping. Returns False when it was skipped for a non-finite loss or gradient."""
@@ -477,6 +478,7 @@ class Trainer:
             return status
         self._tick()
         train_seconds = p.elapsed_seconds - p.elapsed_at_last_eval  # since the previous validation
+        log.info(f"step {p.step}: validating on {len(self.val_records)} images")
         try:
             with self.budget.measure("validation"):
                 predictions, _ = self.caption(self.val_records, "validating")
@@ -484,7 +486,7 @@ class Trainer:
                 if self.processes.is_main:  # the others wait for it at the next step
                     self._score_and_record(predictions, train_seconds, train_stats)
         except Interrupted:
-            if not self.stop.received:
+            if not self.stopping:
                 return self._stop_if_out_of_time(None)
             self._save_state()
             return self._stop_if_signalled()
@@ -570,17 +572,19 @@ class Trainer:
         return EXIT_STOPPED
 
     def _agree_on_stop(self, *values):
-        """Sum `values` over the processes, and share the stop flag: one signalled process stops them all at the
-        same step (each checks the flag after its step, so a signal during a step is seen before the save)."""
+        """Sum `values` over the processes, and decide together whether to stop: one signalled process stops them
+        all at the same point. Every decision reads the agreed `self.stopping`, never the signal flag itself: a
+        signal that lands on one process just after an agreement would otherwise send that process alone into a
+        save or out of a validation, and leave the others waiting for it in a collective operation forever."""
         *totals, stop = self.processes.sum([*values, bool(self.stop.received)])
-        if stop and not self.stop.received:
-            self.stop.received = "a stop signal sent to another process"
+        if stop and not self.stopping:
+            self.stopping = self.stop.received or "a stop signal sent to another process"
         return totals
 
     def _stop_if_signalled(self):
-        if not self.stop.received:
+        if not self.stopping:
             return None
-        log.info(f"received {self.stop.received}: state saved at step {self.progress.step} in "
+        log.info(f"received {self.stopping}: state saved at step {self.progress.step} in "
                  f"{self.output_dir / 'state'}; exiting with status {EXIT_STOPPED}. Resubmit the same command "
                  f"(or run src.<method>.resume) to continue.")
         return EXIT_STOPPED

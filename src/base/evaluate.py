@@ -11,6 +11,7 @@ the Stanford PTB tokenizer (Java), then scored with BLEU-1..4, METEOR, ROUGE-L a
 coco-caption CIDEr is CIDEr-D: clipped n-gram counts and a length penalty). Without Java the
 tokenisation is done in Python (src/base/ptb.py) and METEOR and SPICE are reported as unavailable.
 """
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def score_captions(references, predictions, meteor=True, spice=False, tokenizer=
     if use_java and not java_available():
         raise UserError("--tokenizer ptb: no working `java` on PATH (install Java, or use --tokenizer python)")
     image_ids = list(references)
-    gts = tokenize({i: references[i] for i in image_ids}, use_java)
+    gts = _tokenized_references(references, use_java)
     res = tokenize({i: [predictions[i]] for i in image_ids}, use_java)
     scorers = [(lambda: Bleu(4), METRICS[:4]), (Rouge, ["ROUGE_L"]), (Cider, ["CIDEr"])]
     corpus, per_image = {}, {i: {} for i in image_ids}
@@ -80,6 +81,19 @@ def score_captions(references, predictions, meteor=True, spice=False, tokenizer=
                 per_image[image_id][name] = float(v["All"]["f"]) if isinstance(v, dict) else float(v)
     ordered = {name: corpus[name] for name in METRICS if name in corpus}
     return ordered, per_image, "ptb" if use_java else "python"
+
+
+_REFERENCES_CACHE = {}  # one entry: a run validates against the same references every time
+
+
+def _tokenized_references(references, use_java):
+    """tokenize(references), remembered for the last references seen: validation tokenises the same 38,750 VizWiz
+    references at every pass (a Java process each time) while only the predictions change."""
+    key = (use_java, hashlib.sha256(json.dumps(references).encode()).hexdigest())
+    if key not in _REFERENCES_CACHE:
+        _REFERENCES_CACHE.clear()
+        _REFERENCES_CACHE[key] = tokenize(references, use_java)
+    return {i: list(tokens) for i, tokens in _REFERENCES_CACHE[key].items()}
 
 
 def _meteor():
