@@ -11,4 +11,15 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python -m pytest -q "$@" tests
+# The whole suite runs its test files in parallel, one pytest-xdist worker per core, at most 4 (each worker builds
+# its own tiny models and runs; TEST_WORKERS overrides, 1 turns it off), each worker's torch on one thread: the tiny
+# models gain nothing from a second thread (a 46 s test takes 46 s on one thread or two), so two files at once take
+# half the time. A subset (extra arguments) runs in one process, where -s shows its printed figures.
+cores="$(nproc)"
+workers="${TEST_WORKERS:-$([ $# -eq 0 ] && echo $((cores < 4 ? cores : 4)) || echo 1)}"
+if [ "$workers" -gt 1 ]; then
+    export OMP_NUM_THREADS=1
+    python -m pytest -q -n "$workers" --dist loadfile "$@" tests
+else
+    python -m pytest -q "$@" tests
+fi
