@@ -77,8 +77,8 @@ def write(path, split, images, **about):
 
 
 def read(path, split, image_ids, annotations):
-    """{image_id: candidates} of the candidates file `path`, checked to be of `split` and of exactly the images
-    `image_ids` (in any order) of the annotation file `annotations`; any problem is one UserError line."""
+    """{image_id: {"caption", "candidates"}} of the candidates file `path`, checked to be of `split` and of exactly
+    the images `image_ids` (in any order) of the annotation file `annotations`; any problem is one UserError line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no candidates file (python -m src.<ft|peft>.test --output-dir {path.parent} "
@@ -87,8 +87,8 @@ def read(path, split, image_ids, annotations):
         content = json.loads(path.read_text())
         images = content["images"]
         found = [image["image_id"] for image in images]
-        if not all(isinstance(c["caption"], str) for image in images for c in image["candidates"]):
-            raise TypeError("a candidate's caption is not a string")
+        if not all(isinstance(c["caption"], str) for image in images for c in [image, *image["candidates"]]):
+            raise TypeError("a caption is not a string")
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{path}: not a candidates file written by test ({type(error).__name__}: {error})")
     if content.get("split") != split:
@@ -99,4 +99,4 @@ def read(path, split, image_ids, annotations):
         what = (f"no candidates for {len(missing)} of its {len(image_ids)} images (first: {min(missing)})" if missing
                 else f"{len(extra)} images it does not have (first: {min(extra)})" if extra else "repeated images")
         raise UserError(f"{path}: made on another image set than {annotations}: {what}")
-    return {image["image_id"]: image["candidates"] for image in images}
+    return {image["image_id"]: image for image in images}
