@@ -199,6 +199,8 @@ def _test(method, argv, stop):
                                        stop=lambda: processes.sum([bool(stop.received)])[0] > 0)
         return consensus.pick(records, drawn, cider() if settings.mbr else None), bad
 
+    if config.mbr:
+        cider()  # before captioning: without the training annotations it stops now, not after the pass
     if args.tune_decoding:
         return _tune_decoding(config, output_dir, checkpoint, records, references, caption, processes)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
