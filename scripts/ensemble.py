@@ -1,5 +1,6 @@
 """An ensemble of runs: pool the candidate captions that several runs' `test` wrote, and write each image's caption
-chosen by consensus over the pool (the highest mean CIDEr-D against the others, each run weighed alike).
+chosen by consensus over the pool: the highest mean CIDEr-D against the other runs' candidates, each run weighed
+alike (a run's candidates agreeing with each other count for nothing; see CiderD.consensus).
 
     python scripts/ensemble.py results/ft results/peft results/ft-git --split val     # scores it on val
     python scripts/ensemble.py results/ft results/peft results/ft-git                 # test_captions.json

@@ -12,6 +12,7 @@ later call. Every decoding is run with the checkpoint given explicitly, so no de
 """
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,8 +51,8 @@ def synthetic_run(kind, work_dir, steps):
             make_tiny_blip(tiny, texts=texts(kind), seed=3)
         status = train_main(FT, ["--data-dir", str(data), "--checkpoint", str(tiny), "--output-dir", str(run),
                                  "--batch-size", "8", "--num-workers", "0", "--num-beams", "1", "--min-new-tokens", "0",
-                                 "--max-new-tokens", "20", "--lr", "1e-3", "--eval-every", "50", "--max-steps",
-                                 str(steps), "--fresh"])
+                                 "--max-new-tokens", "20", "--lr", "1e-3", "--eval-every", str(steps), "--max-steps",
+                                 str(steps), "--no-eval-at-start", "--fresh"])  # validated once, at the end
         if status:
             sys.exit(f"training on {kind} stopped with status {status}")
     return data, run / "best_model"
@@ -62,7 +63,7 @@ def measure(name, data, checkpoint, out_dir):
     references = {r.image_id: r.captions for r in with_captions(load_split(data, "val"))}
     rows, baseline = [], None
     for decoding, flags in DECODINGS.items():
-        out = Path(out_dir) / name / decoding.split(":")[0].replace(" ", "-")
+        out = Path(out_dir) / name / re.sub(r"\W+", "-", decoding).strip("-")
         started = time.perf_counter()
         if test_main(FT, ["--output-dir", str(out), "--checkpoint", str(checkpoint), "--data-dir", str(data),
                           *COMMON, *flags]):

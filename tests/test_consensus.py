@@ -37,16 +37,16 @@ def test_consensus_is_the_hand_computed_mean_cider_d_against_the_other_candidate
         assert cider.score("others", candidate) == pytest.approx(expected[i], abs=1e-9)
 
 
-def test_ensemble_consensus_weighs_each_run_alike():
+def test_ensemble_consensus_counts_the_other_runs_each_alike():
     """Run A drew its caption three times, runs B and C agree on another: pooled, A's copies back each other up and
-    win; weighed by run (as scripts/ensemble.py does), the caption of two runs out of three wins."""
+    win; counting agreement with the other runs only, each run alike (as scripts/ensemble.py does), the caption of
+    two runs out of three wins."""
     cider = CiderD(UNRELATED_TRAINING)
     candidates, runs = ["p q r"] * 3 + ["p q s"] * 2, ["A", "A", "A", "B", "C"]
     same, near = 3.0, 2 / 3 + 1 / 2  # raw sums over orders: identical captions; "p q r" against "p q s"
     assert cider.consensus(candidates) == pytest.approx([2.5 * (2 * same + 2 * near) / 4] * 3 +
                                                         [2.5 * (3 * near + same) / 4] * 2)
-    assert cider.consensus(candidates, runs) == pytest.approx([2.5 * (same + near + near) / 3] * 3 +
-                                                              [2.5 * (near + same) / 2] * 2)
+    assert cider.consensus(candidates, runs) == pytest.approx([2.5 * near] * 3 + [2.5 * (near + same) / 2] * 2)
     assert consensus.choose(cider, [{"caption": c} for c in candidates])[0] == 0
     assert consensus.choose(cider, [{"caption": c} for c in candidates], runs)[0] == 3
 

@@ -68,16 +68,17 @@ class CiderD:
     def consensus(self, candidates, groups=None):
         """Each tokenised candidate's agreement with the others: its mean CIDEr-D with each other candidate as the
         one reference (the expected CIDEr-D if the others are draws of what a reference would say; minimum Bayes
-        risk picks the highest). `groups` (one label per candidate, e.g. the run that wrote it) weighs each group
-        alike: the mean over groups of the mean within the group, so a run that drew more candidates has no more
-        say. A lone candidate scores 0."""
+        risk picks the highest). With `groups` (one label per candidate: the run that wrote it), the agreement with
+        the other groups only, each weighed alike: the mean over the other groups of the mean against that group's
+        candidates. A run that drew more candidates has no more say, and a run's candidates agreeing with each other
+        (near-identical beams; a degenerate model repeating itself) count for nothing. A lone candidate scores 0."""
         vectors = [self._vector(ngram_counts(c)) for c in candidates]
-        groups = [0] * len(candidates) if groups is None else list(groups)
+        groups = list(range(len(candidates))) if groups is None else list(groups)  # alone: every other counts
         scores = []
         for i, vec in enumerate(vectors):
             by_group = {}
             for j, other in enumerate(vectors):
-                if j != i:
+                if groups[j] != groups[i]:
                     by_group.setdefault(groups[j], []).append(self._similarity(vec, other))
             scores.append(float(np.mean([np.mean(s) for s in by_group.values()])) if by_group else 0.0)
         return scores

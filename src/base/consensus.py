@@ -45,7 +45,8 @@ _tokens = functools.lru_cache(maxsize=200_000)(python_tokenize)  # candidates re
 
 def choose(cider, candidates, groups=None):
     """(index of the candidate with the highest consensus, every candidate's consensus). A tie goes to the first
-    candidate: the top beam when it is among them. `groups`: see CiderD.consensus."""
+    candidate: the top beam when it is among them. `groups` (the run of each candidate, for ensembles): see
+    CiderD.consensus."""
     scores = cider.consensus([_tokens(c["caption"]) for c in candidates], groups)
     return int(np.argmax(scores)), scores
 
