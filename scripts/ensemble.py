@@ -71,7 +71,8 @@ def main(argv=None):
     captions_file = output_dir / f"{args.split}_captions.json"
     write_json_atomic(captions_file, [{"image_id": image["image_id"], "caption": image["caption"]} for image in images])
     consensus.write(consensus.candidates_file(output_dir, args.split), args.split, images, data_dir=str(data_dir),
-                    runs=[str(run) for run in args.runs], chosen_by="ensemble consensus")
+                    runs=[str(run) for run in args.runs],
+                    chosen_by=f"ensemble consensus, among the {C.MBR_CHOOSE_FROM}")
     sources = Counter(next(c["run"] for c in image["candidates"] if c["caption"] == image["caption"])
                       for image in images)
     log.info(f"wrote {len(images)} captions chosen by consensus over {sum(map(len, pool.values()))} candidates of "

@@ -5,7 +5,8 @@ the paired difference from beam search with its 95% bootstrap interval, and the 
                                                                 # and two synthetic sets, trained here
     python scripts/measure_consensus.py --sets objects --steps 100 --work-dir /tmp/m   # quicker
 
-Sets: "demo" is the demo's fine-tuned tiny BLIP (--demo-run, default results/demo/ft) on its data set; "objects"
+Rows: beam search, then --mbr with 5 beams, with 3 beams and 7 or 17 samples that only vote (MBR_CHOOSE_FROM=beams,
+the default), and with any candidate written (MBR_CHOOSE_FROM=all). Sets: "demo" is the demo's fine-tuned tiny BLIP (--demo-run, default results/demo/ft) on its data set; "objects"
 and "layout" are scripts/synthetic_sets.py's generators, each with a tiny BLIP of its own vocabulary trained here
 from random weights with cross-entropy (--steps, as the tests' other-set runs), kept in --work-dir and reused by a
 later call. Every decoding is run with the checkpoint given explicitly, so no decoding.json applies.
@@ -25,13 +26,16 @@ from src.base.evaluate import compare, read_predictions  # noqa: E402
 from src.base.main import test_main, train_main  # noqa: E402
 from src.ft.method import METHOD as FT  # noqa: E402
 
-# name -> test flags; the first is the baseline
+# name -> (test flags, MBR_CHOOSE_FROM); the first is the baseline. "vote": the samples only vote, a beam is written
+# (the default); "any of": any candidate may be written
 DECODINGS = {
-    "beam 3 (default)": ["--num-beams", "3"],
-    "MBR 5: 5-best beams": ["--num-beams", "5", "--mbr", "5"],
-    "MBR 10: 3 beams + 7 samples": ["--num-beams", "3", "--mbr", "10"],
-    "MBR 10: greedy + 9 samples": ["--num-beams", "1", "--mbr", "10"],
-    "MBR 20: 3 beams + 17 samples": ["--num-beams", "3", "--mbr", "20"],
+    "beam 3 (default)": (["--num-beams", "3"], "beams"),
+    "MBR 5: 5-best beams": (["--num-beams", "5", "--mbr", "5"], "beams"),
+    "MBR 10: 3 beams, 7 samples vote": (["--num-beams", "3", "--mbr", "10"], "beams"),
+    "MBR 20: 3 beams, 17 samples vote": (["--num-beams", "3", "--mbr", "20"], "beams"),
+    "MBR 10: any of 3 beams + 7 samples": (["--num-beams", "3", "--mbr", "10"], "all"),
+    "MBR 20: any of 3 beams + 17 samples": (["--num-beams", "3", "--mbr", "20"], "all"),
+    "MBR 10: any of greedy + 9 samples": (["--num-beams", "1", "--mbr", "10"], "all"),
 }
 COMMON = ["--split", "val", "--num-workers", "0", "--min-new-tokens", "0", "--max-new-tokens", "20",
           "--eval-batch-size", "64"]
@@ -62,8 +66,9 @@ def measure(name, data, checkpoint, out_dir):
     """Rows of the table for one data set."""
     references = {r.image_id: r.captions for r in with_captions(load_split(data, "val"))}
     rows, baseline = [], None
-    for decoding, flags in DECODINGS.items():
+    for decoding, (flags, choose_from) in DECODINGS.items():
         out = Path(out_dir) / name / re.sub(r"\W+", "-", decoding).strip("-")
+        C.MBR_CHOOSE_FROM = choose_from  # read when consensus chooses
         started = time.perf_counter()
         if test_main(FT, ["--output-dir", str(out), "--checkpoint", str(checkpoint), "--data-dir", str(data),
                           *COMMON, *flags]):

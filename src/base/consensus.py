@@ -16,8 +16,7 @@ import functools
 import json
 from pathlib import Path
 
-import numpy as np
-
+from . import constants as C
 from .cider import CiderD
 from .data import load_split, training_records, with_captions
 from .helpers import UserError, log, write_json_atomic
@@ -43,12 +42,23 @@ def training_cider(data_dir, drop_rejected=True, drop_precanned=True):
 _tokens = functools.lru_cache(maxsize=200_000)(python_tokenize)  # candidates repeat (beams, samples, runs)
 
 
-def choose(cider, candidates, groups=None):
-    """(index of the candidate with the highest consensus, every candidate's consensus). A tie goes to the first
-    candidate: the top beam when it is among them. `groups` (the run of each candidate, for ensembles): see
+def eligible(candidate, choose_from=None):
+    """Whether `candidate` may be written. MBR_CHOOSE_FROM "beams" (the default): samples only vote. Measured on three
+    sets (docs/decoding.md), choosing among the beams alone, scored against every candidate, beat choosing among all
+    of them each time: a sampled caption that a few samples echo can win without being a good caption."""
+    choose_from = choose_from or C.MBR_CHOOSE_FROM
+    if choose_from not in ("beams", "all"):
+        raise UserError(f"MBR_CHOOSE_FROM must be beams or all, got {choose_from!r}")
+    return choose_from == "all" or candidate.get("source") != "sample"
+
+
+def choose(cider, candidates, groups=None, choose_from=None):
+    """(index of the eligible candidate with the highest consensus, every candidate's consensus). A tie goes to the
+    earlier candidate: the top beam first. `groups` (the run of each candidate, for ensembles): see
     CiderD.consensus."""
     scores = cider.consensus([_tokens(c["caption"]) for c in candidates], groups)
-    return int(np.argmax(scores)), scores
+    allowed = [k for k, c in enumerate(candidates) if eligible(c, choose_from)] or range(len(candidates))
+    return max(allowed, key=lambda k: (scores[k], -k)), scores
 
 
 def pick(records, drawn, cider=None, groups=None):

@@ -201,6 +201,9 @@ def _test(method, argv, stop):
 
     if config.mbr:
         cider()  # before captioning: without the training annotations it stops now, not after the pass
+        if min(config.mbr, config.num_beams) < 2 and C.MBR_CHOOSE_FROM == "beams" and not args.tune_decoding:
+            log.warning(f"--mbr {config.mbr} with {config.num_beams} beam: samples only vote "
+                        f"(MBR_CHOOSE_FROM=beams), so the one beam is written; give --num-beams 2 or more")
     if args.tune_decoding:
         return _tune_decoding(config, output_dir, checkpoint, records, references, caption, processes)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
@@ -216,7 +219,7 @@ def _test(method, argv, stop):
     candidates_file = consensus.candidates_file(output_dir, args.split)
     consensus.write(candidates_file, args.split, images, data_dir=config.data_dir, checkpoint=checkpoint,
                     family=family.name, decoding=decoding.current(config),
-                    chosen_by="consensus" if config.mbr else "beam search")
+                    chosen_by=f"consensus, among the {C.MBR_CHOOSE_FROM}" if config.mbr else "beam search")
     chosen = (f"; consensus chose another caption than the top beam for {consensus.changed(images)} of {len(images)} "
               f"images" if config.mbr else "")
     log.info(f"wrote every image's {len(images[0]['candidates']) if images else 0} candidates to {candidates_file}"
