@@ -75,8 +75,8 @@ def main(argv=None):
                     chosen_by=f"ensemble consensus, among the {C.MBR_CHOOSE_FROM}")
     sources = Counter(next(c["run"] for c in image["candidates"] if c["caption"] == image["caption"])
                       for image in images)
-    log.info(f"wrote {len(images)} captions chosen by consensus over {sum(map(len, pool.values()))} candidates of "
-             f"{len(args.runs)} runs to {captions_file}; captions taken from: "
+    log.info(f"wrote {len(images)} captions chosen by consensus over the candidates of {len(args.runs)} runs to "
+             f"{captions_file}; captions taken from (a caption several runs wrote counts for the first): "
              + ", ".join(f"{run} {sources[str(run)]}" for run in args.runs))
     if args.split == "val":
         references = {r.image_id: r.captions for r in records}

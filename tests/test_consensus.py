@@ -177,3 +177,15 @@ def test_ensemble_says_in_one_line_which_candidates_file_is_missing_or_of_other_
     line = refused(blip, fewer)
     assert "made on another image set than" in line and f"(first: {dropped})" in line
     assert not (tmp_path / "out" / "val_captions.json").exists()
+
+
+def test_mbr_without_the_training_annotations_stops_in_one_line_before_captioning(ft_run, demo_data, tmp_path):
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    shutil.copy(demo_data / "annotations" / "val.json", data / "annotations" / "val.json")
+    (data / "val").symlink_to(demo_data / "val")
+    result = run_module("src.ft.test", "--output-dir", tmp_path / "out", "--checkpoint", ft_run / "best_model",
+                        "--data-dir", data, "--split", "val", *FAST, "--mbr", "4", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{data / 'annotations' / 'train.json'}: not found" in result.stderr and "val images with" not in result.stdout
+    assert not (tmp_path / "out" / "val_captions.json").exists()
