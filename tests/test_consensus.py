@@ -58,13 +58,13 @@ def demo_cider(demo_data):
 
 @pytest.fixture(scope="module")
 def two_families(ft_run, tiny_git, demo_data, tmp_path_factory):
-    """A BLIP run (ft_run's model, beam search: its 3-best) and a GIT one (the tiny GIT with --mbr 4 over 2 beams and
-    2 samples), each captioning val and test into an output directory of its own."""
+    """A BLIP run (ft_run's model, beam search: its 3-best) captioning val and test, and a GIT one (the tiny GIT with
+    --mbr 4 over 2 beams and 2 samples) captioning val, each into an output directory of its own."""
     root = tmp_path_factory.mktemp("ensemble")
-    runs = {"blip": (root / "blip", ft_run / "best_model", ["--num-beams", "3"]),
-            "git": (root / "git", tiny_git, ["--num-beams", "2", "--mbr", "4", "--max-new-tokens", "8"])}
-    for out, checkpoint, extra in runs.values():
-        for split in ("val", "test"):
+    for out, checkpoint, extra, splits in [
+            (root / "blip", ft_run / "best_model", ["--num-beams", "3"], ("val", "test")),
+            (root / "git", tiny_git, ["--num-beams", "2", "--mbr", "4", "--max-new-tokens", "8"], ("val",))]:
+        for split in splits:
             run_module("src.ft.test", "--output-dir", out, "--checkpoint", checkpoint, "--data-dir", demo_data,
                        "--split", split, *FAST, *extra)
     return root / "blip", root / "git"
@@ -73,19 +73,19 @@ def two_families(ft_run, tiny_git, demo_data, tmp_path_factory):
 def test_mbr_writes_the_consensus_of_beams_and_samples_and_every_candidate(two_families, ft_run, demo_data,
                                                                           demo_cider, tmp_path):
     beams, plain = 3, two_families[0]
-    records = with_captions(load_split(demo_data, "val"))
-    plain_images = json.loads((plain / "val_candidates.json").read_text())["images"]
+    records = load_split(demo_data, "test")
+    plain_images = json.loads((plain / "test_candidates.json").read_text())["images"]
     # plain beam search: its n-best, the top beam written (as before), no consensus computed
     assert [image["image_id"] for image in plain_images] == [r.image_id for r in records]
     assert all([c["source"] for c in image["candidates"]] == ["beam"] * beams and "consensus" not in
                image["candidates"][0] and image["caption"] == image["candidates"][0]["caption"] for image in plain_images)
-    assert read_predictions(plain / "val_captions.json") == {i["image_id"]: i["caption"] for i in plain_images}
+    assert read_predictions(plain / "test_captions.json") == {i["image_id"]: i["caption"] for i in plain_images}
 
     out = tmp_path / "mbr"
     result = run_module("src.ft.test", "--output-dir", out, "--checkpoint", ft_run / "best_model", "--data-dir",
-                        demo_data, "--split", "val", *FAST, "--num-beams", str(beams), "--mbr", "6")
-    written = json.loads((out / "val_candidates.json").read_text())
-    assert written["split"] == "val" and written["decoding"]["mbr"] == 6
+                        demo_data, *FAST, "--num-beams", str(beams), "--mbr", "6")
+    written = json.loads((out / "test_candidates.json").read_text())
+    assert written["split"] == "test" and written["decoding"]["mbr"] == 6
     assert written["chosen_by"] == "consensus, among the beams"
     for image, before in zip(written["images"], plain_images):
         candidates = image["candidates"]
@@ -95,7 +95,7 @@ def test_mbr_writes_the_consensus_of_beams_and_samples_and_every_candidate(two_f
         assert [c["consensus"] for c in candidates] == pytest.approx(recomputed, abs=1e-5)
         # written: the beam the beams and samples back most (samples vote, MBR_CHOOSE_FROM=beams)
         assert image["caption"] == candidates[recomputed.index(max(recomputed[:beams]))]["caption"]
-    assert read_predictions(out / "val_captions.json") == {i["image_id"]: i["caption"] for i in written["images"]}
+    assert read_predictions(out / "test_captions.json") == {i["image_id"]: i["caption"] for i in written["images"]}
     assert consensus.changed(written["images"]) > 0  # consensus did not merely keep the top beam
     assert f"another caption than the top beam for {consensus.changed(written['images'])} of {len(records)}" \
         in result.stdout
@@ -153,8 +153,9 @@ def test_ensemble_of_a_blip_and_a_git_run_picks_by_consensus_over_their_pool(two
     scores = json.loads((out / "val_scores.json").read_text())
     assert f"| ensemble of 2 | 7 | {scores['CIDEr']:.4f} |" in result.stdout and f"| {git} | 4 |" in result.stdout
 
-    # the test split, by default: a challenge file the submission check passes
-    run_module("scripts.ensemble", blip, git, "--output-dir", out)
+    # the test split, by default: a challenge file the submission check passes (of the BLIP run and a copy of it)
+    copy = shutil.copytree(blip, tmp_path / "copy")
+    run_module("scripts.ensemble", blip, copy, "--output-dir", out)
     assert check_submission(out / "test_captions.json", demo_data / "annotations" / "test.json") == []
 
 
