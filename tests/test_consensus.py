@@ -58,15 +58,14 @@ def demo_cider(demo_data):
 
 @pytest.fixture(scope="module")
 def two_families(ft_run, tiny_git, demo_data, tmp_path_factory):
-    """A BLIP run (ft_run's model, beam search: its 3-best) captioning val and test, and a GIT one (the tiny GIT with
-    --mbr 4 over 2 beams and 2 samples) captioning val, each into an output directory of its own."""
+    """A BLIP run (ft_run's model, beam search: its 3-best) and a GIT one (the tiny GIT with --mbr 4 over 2 beams and
+    2 samples), each captioning the test split into an output directory of its own (the validation split's path
+    differs only in scoring, which the demo runs)."""
     root = tmp_path_factory.mktemp("ensemble")
-    for out, checkpoint, extra, splits in [
-            (root / "blip", ft_run / "best_model", ["--num-beams", "3"], ("val", "test")),
-            (root / "git", tiny_git, ["--num-beams", "2", "--mbr", "4", "--max-new-tokens", "8"], ("val",))]:
-        for split in splits:
-            run_module("src.ft.test", "--output-dir", out, "--checkpoint", checkpoint, "--data-dir", demo_data,
-                       "--split", split, *FAST, *extra)
+    for out, checkpoint, extra in [(root / "blip", ft_run / "best_model", ["--num-beams", "3"]),
+                                   (root / "git", tiny_git, ["--num-beams", "2", "--mbr", "4", "--max-new-tokens", "8"])]:
+        run_module("src.ft.test", "--output-dir", out, "--checkpoint", checkpoint, "--data-dir", demo_data, *FAST,
+                   *extra)
     return root / "blip", root / "git"
 
 
@@ -139,45 +138,40 @@ def test_ensemble_of_a_blip_and_a_git_run_picks_by_consensus_over_their_pool(two
                                                                              tmp_path):
     blip, git = two_families
     out = tmp_path / "ensemble"
-    result = run_module("scripts.ensemble", blip, git, "--split", "val", "--output-dir", out)
-    pooled = json.loads((out / "val_candidates.json").read_text())
-    records = with_captions(load_split(demo_data, "val"))
-    assert [image["image_id"] for image in pooled["images"]] == [r.image_id for r in records]
+    result = run_module("scripts.ensemble", blip, git, "--output-dir", out)  # the test split, by default
+    pooled = json.loads((out / "test_candidates.json").read_text())
+    assert [image["image_id"] for image in pooled["images"]] == [r.image_id for r in load_split(demo_data, "test")]
     for image in pooled["images"]:
         candidates = image["candidates"]
         assert [c["run"] for c in candidates] == [str(blip)] * 3 + [str(git)] * 4
         scores = demo_cider.consensus([consensus._tokens(c["caption"]) for c in candidates], [c["run"] for c in candidates])
         beams = [score for score, c in zip(scores, candidates) if c["source"] == "beam"]  # GIT's 2 samples only vote
         assert image["caption"] == candidates[scores.index(max(beams))]["caption"]
-    assert read_predictions(out / "val_captions.json") == {i["image_id"]: i["caption"] for i in pooled["images"]}
-    scores = json.loads((out / "val_scores.json").read_text())
-    assert f"| ensemble of 2 | 7 | {scores['CIDEr']:.4f} |" in result.stdout and f"| {git} | 4 |" in result.stdout
-
-    # the test split, by default: a challenge file the submission check passes (of the BLIP run and a copy of it)
-    copy = shutil.copytree(blip, tmp_path / "copy")
-    run_module("scripts.ensemble", blip, copy, "--output-dir", out)
+    # the challenge file: the format test writes, and the submission check passes it
+    assert read_predictions(out / "test_captions.json") == {i["image_id"]: i["caption"] for i in pooled["images"]}
     assert check_submission(out / "test_captions.json", demo_data / "annotations" / "test.json") == []
+    assert f"captions taken from (a caption several runs wrote counts for the first): {blip} " in result.stdout
 
 
 def test_ensemble_says_in_one_line_which_candidates_file_is_missing_or_of_other_images(two_families, tmp_path):
     blip, git = two_families
 
-    def refused(*runs, split="val"):
+    def refused(*runs, split="test"):
         result = run_module("scripts.ensemble", *runs, "--split", split, "--output-dir", tmp_path / "out", check=False)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         return result.stderr
 
-    assert f"{tmp_path / 'empty' / 'val_candidates.json'}: no candidates file" in refused(blip, tmp_path / "empty")
+    assert f"{tmp_path / 'empty' / 'test_candidates.json'}: no candidates file" in refused(blip, tmp_path / "empty")
     other_split = shutil.copytree(git, tmp_path / "other_split")
-    shutil.copy(other_split / "val_candidates.json", other_split / "test_candidates.json")
-    assert "candidates of the val split, not of test" in refused(blip, other_split, split="test")
+    content = json.loads((other_split / "test_candidates.json").read_text())
+    (other_split / "val_candidates.json").write_text(json.dumps({**content, "split": "test"}))
+    assert "candidates of the test split, not of val" in refused(other_split, blip, split="val")
     fewer = shutil.copytree(git, tmp_path / "fewer")
-    content = json.loads((fewer / "val_candidates.json").read_text())
     dropped = content["images"].pop()["image_id"]
-    (fewer / "val_candidates.json").write_text(json.dumps(content))
+    (fewer / "test_candidates.json").write_text(json.dumps(content))
     line = refused(blip, fewer)
     assert "made on another image set than" in line and f"(first: {dropped})" in line
-    assert not (tmp_path / "out" / "val_captions.json").exists()
+    assert not (tmp_path / "out" / "test_captions.json").exists()
 
 
 def test_mbr_without_the_training_annotations_stops_in_one_line_before_captioning(ft_run, demo_data, tmp_path):
