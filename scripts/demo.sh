@@ -7,7 +7,8 @@
 #   4. a second stage on the fine-tuned model: self-critical sequence training on CIDEr-D (--objective scst)
 #   5. another captioner family through the same entry point: a tiny GIT, fully fine-tuned
 #   6. choose decoding settings for the fine-tuned model on validation (--tune-decoding)
-#   7. write test_captions.json with each best model, and score each on the validation split
+#   7. write test_captions.json with each best model, and score each on the validation split; consensus decoding
+#      (--mbr) of the fine-tuned model, and an ensemble of the four runs (scripts/ensemble.py)
 #   8. one table of the runs (scripts/summarize.py) and one HTML report (scripts/report.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,14 +41,30 @@ for run in ft peft ft-scst ft-git; do
     python -m "src.$method.test" --output-dir "$OUT/$run"
     python -m "src.$method.test" --output-dir "$OUT/$run" --split val > /dev/null
 done
+# consensus decoding on ft's model: 10 candidates per image (its 3 beams and 7 samples), the one the others back most
+python -m src.ft.test --output-dir "$OUT/ft-mbr" --checkpoint "$OUT/ft/best_model" --data-dir "$DEMO/vizwiz" \
+    --split val --mbr 10 --min-new-tokens 0 --max-new-tokens 20 > /dev/null
+python - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+beam = max(json.loads(line)["CIDEr"] for line in open(f"{out}/ft/metrics.jsonl"))
+mbr = json.load(open(f"{out}/ft-mbr/val_scores.json"))["CIDEr"]
+print(f"consensus decoding (--mbr 10) of ft's model: val CIDEr-D {mbr:.4f} (beam search: {beam:.4f})")
+PY
+# an ensemble of the four runs: each image's caption chosen by consensus over their pooled beam candidates (each
+# test above wrote them); scored on val against each run's own, then the test split's challenge file
+python scripts/ensemble.py "$OUT/ft" "$OUT/ft-scst" "$OUT/peft" "$OUT/ft-git" --split val \
+    --output-dir "$OUT/ensemble" | grep "^|"
+python scripts/ensemble.py "$OUT/ft" "$OUT/ft-scst" "$OUT/peft" "$OUT/ft-git" --output-dir "$OUT/ensemble" > /dev/null
 # the pretrained stand-in with no adaptation, scored on the same VizWiz-style validation set
 python -m src.ft.test --output-dir "$OUT/zero-shot" --checkpoint "$OUT/pretrained/best_model" \
     --data-dir "$DEMO/vizwiz" --split val --min-new-tokens 0 --max-new-tokens 20 > /dev/null
-python scripts/summarize.py "$OUT/zero-shot" "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/ft-git"
+python scripts/summarize.py "$OUT/zero-shot" "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/ft-git" "$OUT/ft-mbr" "$OUT/ensemble"
 python scripts/report.py "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/ft-git" "$OUT/zero-shot" --out "$OUT/report.html" \
     --title "VizWiz captioning demo (synthetic data, tiny models)"
 echo
 echo "The report (metrics, curves, captions next to their references): $OUT/report.html"
 echo "Each run's files: $OUT/<run>/ (ft, peft, ft-scst, ft-git, zero-shot): best_model/, metrics.jsonl, train.log,"
-echo "  test_captions.json (the challenge file), val_captions.json, val_scores.json, curves.png, examples/, state/"
+echo "  test_captions.json (the challenge file), val_captions.json, val_scores.json, *_candidates.json, curves.png,"
+echo "  examples/, state/; $OUT/ft-mbr/ (consensus decoding) and $OUT/ensemble/ (the ensemble) hold captions and scores"
 echo "The demo's data and tiny models: $DEMO/ (listed in data/README.md)"

@@ -255,7 +255,7 @@ def _apply_umask(directory):
 # which would then hold other weights) would pass for the new model's, and decoding.json was tuned on the old weights.
 RUN_FILES = [STATE_DIR, STATE_DIR + ".old", STATE_DIR + ".tmp", BEST_DIR, BEST_DIR + ".old", BEST_DIR + ".tmp",
              "metrics.jsonl", "examples", "curves.png", DECODING_FILE, "val_captions.json", "val_scores.json",
-             "test_captions.json"]
+             "test_captions.json", "val_candidates.json", "test_candidates.json"]
 
 
 def clear_run(output_dir):

@@ -61,6 +61,7 @@ class RunConfig:
     repetition_penalty: float = 1.0
     exact_preprocessing: bool = False
     tf32: bool = False
+    mbr: int = 0  # test only: candidates per image for consensus decoding (0 = beam search); training ignores it
     job: str = None  # the batch job that started the run (jobs.current_job()): its requeues resume, even with --fresh
 
     def save(self):
@@ -227,6 +228,8 @@ def _check(config):
         raise UserError("--scst-baseline mean needs --scst-samples 2 or more (the mean of an image's other samples)")
     if config.objective == "scst" and config.compile:
         raise UserError("--compile applies to cross-entropy training only (SCST samples captions each step)")
+    if config.mbr < 0 or config.mbr == 1:
+        raise UserError(f"--mbr is the number of candidates to choose from: 2 or more (0 = beam search), got {config.mbr}")
     if config.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
 

@@ -116,5 +116,7 @@ MAX_NEW_TOKENS = _env("MAX_NEW_TOKENS", 30)
 MIN_NEW_TOKENS = _env("MIN_NEW_TOKENS", 5)
 LENGTH_PENALTY = _env("LENGTH_PENALTY", 1.0)     # beam search length penalty (test --tune-decoding chooses one)
 REPETITION_PENALTY = _env("REPETITION_PENALTY", 1.0)
+MBR_TEMPERATURE = _env("MBR_TEMPERATURE", 0.7)   # test --mbr: candidates beyond the beams are sampled at this temperature
+MBR_CHOOSE_FROM = _env("MBR_CHOOSE_FROM", "beams")  # beams: samples vote, only beams are written; all: any candidate
 VAL_MAX_IMAGES = _env("VAL_MAX_IMAGES", 0)       # > 0: score only the first N val images during training
 VAL_METEOR = _env("VAL_METEOR", False)           # METEOR during training validations (adds ~10 s of Java each)

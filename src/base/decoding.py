@@ -15,20 +15,21 @@ from pathlib import Path
 from .checkpoint import DECODING_FILE, weights_fingerprint
 from .helpers import UserError, log, write_json_atomic
 
-KEYS = ("num_beams", "min_new_tokens", "max_new_tokens", "length_penalty", "repetition_penalty")
+GENERATE_KEYS = ("num_beams", "min_new_tokens", "max_new_tokens", "length_penalty", "repetition_penalty")
+KEYS = GENERATE_KEYS + ("mbr",)  # and the number of candidates consensus decoding chooses from (0: beam search)
 HELD_OUT_FRACTION = 0.25  # of the validation images tuned on: not used to choose, only to score the choice
 
 
 def grid():
     """20 settings: greedy with and without a repetition penalty, and beams 3 and 5 crossed with caption length
     limits and length / repetition penalties (VizWiz references run about 8-15 words)."""
-    settings = [dict(num_beams=1, min_new_tokens=5, max_new_tokens=30, length_penalty=1.0, repetition_penalty=r)
-                for r in (1.0, 1.3)]
+    settings = [dict(num_beams=1, min_new_tokens=5, max_new_tokens=30, length_penalty=1.0, repetition_penalty=r,
+                     mbr=0) for r in (1.0, 1.3)]
     for beams in (3, 5):
         for low, high in ((5, 20), (5, 30), (8, 30)):
             for length_penalty, repetition_penalty in ((1.0, 1.0), (2.0, 1.0), (1.0, 1.3)):
                 settings.append(dict(num_beams=beams, min_new_tokens=low, max_new_tokens=high,
-                                     length_penalty=length_penalty, repetition_penalty=repetition_penalty))
+                                     length_penalty=length_penalty, repetition_penalty=repetition_penalty, mbr=0))
     return settings
 
 
@@ -56,16 +57,24 @@ def split_held_out(records):
     return [r for r in records if r.image_id not in held_out], [r for r in records if r.image_id in held_out]
 
 
-def tune(caption, score, config):
-    """Score the run's own setting and every grid setting on the tuning images. `caption(config)` ->
+def tune(caption, score, config, mbr=0):
+    """Score the run's own setting and every grid setting on the tuning images, and with `mbr` (test --mbr N) then
+    the best of those with consensus decoding over N candidates (one pass more). `caption(config)` ->
     {image_id: caption}; `score(predictions)` -> CIDEr-D. Returns the rows (setting + tuning_CIDEr), best first."""
     candidates = [current(config)] + [s for s in grid() if s != current(config)]
+    total = len(candidates) + bool(mbr)
     rows = []
-    for number, candidate in enumerate(candidates, 1):
+
+    def try_setting(candidate):
         use(config, candidate)
         rows.append({**candidate, "tuning_CIDEr": score(caption(config))})
-        log.info(f"decoding {number}/{len(candidates)}: {describe(candidate)}: "
-                 f"tuning CIDEr-D {rows[-1]['tuning_CIDEr']:.4f}")
+        log.info(f"decoding {len(rows)}/{total}: {describe(candidate)}: tuning CIDEr-D {rows[-1]['tuning_CIDEr']:.4f}")
+
+    for candidate in candidates:
+        try_setting(candidate)
+    if mbr:
+        best = max(rows, key=lambda row: row["tuning_CIDEr"])
+        try_setting({**setting(best), "mbr": mbr})
     return sorted(rows, key=lambda row: -row["tuning_CIDEr"])
 
 
@@ -82,21 +91,24 @@ def score_held_out(caption, score, config, best, default):
 
 
 def describe(settings):
+    consensus = f", consensus of {settings['mbr']} candidates" if settings.get("mbr") else ""
     return (f"beams {settings['num_beams']}, new tokens {settings['min_new_tokens']}-{settings['max_new_tokens']}, "
-            f"length penalty {settings['length_penalty']}, repetition penalty {settings['repetition_penalty']}")
+            f"length penalty {settings['length_penalty']}, repetition penalty {settings['repetition_penalty']}"
+            f"{consensus}")
 
 
 def report(tuned):
     """The table of every setting tried and the summary line, from the contents of decoding.json."""
     tuning, held_out = len(tuned["tuning_images"]), len(tuned["held_out_images"])
-    lines = [f"| | beams | min new | max new | length penalty | repetition penalty | "
+    lines = [f"| | beams | min new | max new | length penalty | repetition penalty | MBR candidates | "
              f"tuning CIDEr-D ({tuning} images) | held-out CIDEr-D ({held_out} images) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for i, row in enumerate(tuned["settings"]):
         marks = (["chosen"] if i == 0 else []) + (["run's"] if setting(row) == tuned["run_setting"] else [])
         held = tuned["held_out_CIDEr"]["best" if i == 0 else "run_setting"] if marks else None
         lines.append(f"| {', '.join(marks)} | {row['num_beams']} | {row['min_new_tokens']} | {row['max_new_tokens']} | "
-                     f"{row['length_penalty']} | {row['repetition_penalty']} | {row['tuning_CIDEr']:.4f} | "
+                     f"{row['length_penalty']} | {row['repetition_penalty']} | {row.get('mbr') or '-'} | "
+                     f"{row['tuning_CIDEr']:.4f} | "
                      f"{'' if held is None else f'{held:.4f}'} |")
     own = next(row for row in tuned["settings"] if setting(row) == tuned["run_setting"])
     summary = (f"chosen decoding: {describe(tuned['best'])}. Held-out CIDEr-D (the {held_out} validation images "
@@ -124,7 +136,7 @@ def apply_saved(config, output_dir, given, checkpoint):
         return
     try:
         saved = json.loads(path.read_text())
-        best = {key: saved["best"][key] for key in KEYS}
+        best = {key: saved["best"][key] for key in GENERATE_KEYS} | {"mbr": saved["best"].get("mbr", 0)}  # older: 0
         tuned_on = saved.get("model_fingerprint")
         held_out = saved["held_out_CIDEr"]["best"] if tuned_on else None
     except (ValueError, KeyError, TypeError) as error:

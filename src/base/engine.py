@@ -82,11 +82,33 @@ class Interrupted(Exception):
 
 def decoding_settings(config):
     """The generate() settings of validation and test captions."""
-    return {key: getattr(config, key) for key in decoding.KEYS}
+    return {key: getattr(config, key) for key in decoding.GENERATE_KEYS}
 
 
-def caption_records(model, records, transform, family, config, device, precision, desc, stop=None, rounds=None):
-    """Generate one caption per record, batched. Returns ({image_id: caption}, [bad image messages]).
+def draw_candidates(model, pixel_values, family, config):
+    """Each image's candidate captions, [{"caption", "source"}], best beam first: the beam search's n-best (all
+    --num-beams of them: returning them costs nothing more than the beam search itself), or with --mbr N the
+    min(N, --num-beams) best beams and N minus that many samples drawn at temperature MBR_TEMPERATURE. The beams
+    are the model's strongest guesses, the samples the spread of what it might say: consensus over the pool can
+    only replace the top beam by a caption the samples agree with more (see consensus.py)."""
+    beams = min(config.mbr, config.num_beams) if config.mbr else config.num_beams
+    captions = family.decode(family.generate(model, pixel_values, num_return_sequences=beams,
+                                             **decoding_settings(config)))
+    drawn = [[{"caption": c, "source": "beam"} for c in captions[i * beams: (i + 1) * beams]]
+             for i in range(pixel_values.shape[0])]
+    samples = config.mbr - beams if config.mbr else 0
+    if samples > 0:
+        sampled = family.decode(family.sample(model, family.encode_images(model, pixel_values), samples,
+                                              config.max_new_tokens, temperature=C.MBR_TEMPERATURE))
+        for i, image in enumerate(drawn):
+            image += [{"caption": c, "source": "sample"} for c in sampled[i * samples: (i + 1) * samples]]
+    return drawn
+
+
+def caption_records(model, records, transform, family, config, device, precision, desc, stop=None, rounds=None,
+                    candidates=False):
+    """Generate one caption per record, batched. Returns ({image_id: caption}, [bad image messages]); with
+    `candidates`, {image_id: [candidates]} (draw_candidates) instead of a caption.
 
     `stop`, if given, is asked before each batch; a true answer raises Interrupted. `rounds`: ask it this many times
     in all, batches or not (with several processes it is a collective question, asked as often by each of them).
@@ -109,15 +131,19 @@ def caption_records(model, records, transform, family, config, device, precision
                     raise UserError(f"{message} (--strict)")
                 log.warning(f"bad image, captioned as a blank image: {message}")
             bad.extend(batch["bad"])
+            pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             with autocast(precision, device):
-                sequences = family.generate(model, batch["pixel_values"].to(device, non_blocking=True),
-                                            **decoding_settings(config))
-            predictions.update(zip(batch["image_ids"], family.decode(sequences)))
+                if candidates:
+                    captions = draw_candidates(model, pixel_values, family, config)
+                else:
+                    captions = family.decode(family.generate(model, pixel_values, **decoding_settings(config)))
+            predictions.update(zip(batch["image_ids"], captions))
             bar.update(len(batch["image_ids"]))
     return predictions, bad
 
 
-def caption_in_shares(processes, model, records, transform, family, config, device, precision, desc, stop=None):
+def caption_in_shares(processes, model, records, transform, family, config, device, precision, desc, stop=None,
+                      candidates=False):
     """caption_records over this process's share of `records`; every process gets all the captions.
 
     With several processes `stop` must be a collective question (every process gets the same answer): each asks
@@ -125,7 +151,8 @@ def caption_in_shares(processes, model, records, transform, family, config, devi
     """
     largest_share = math.ceil(len(records) / processes.world)
     predictions, bad = caption_records(model, processes.shard(records), transform, family, config, device,
-                                       precision, desc, stop, rounds=math.ceil(largest_share / config.eval_batch_size))
+                                       precision, desc, stop, rounds=math.ceil(largest_share / config.eval_batch_size),
+                                       candidates=candidates)
     if processes.world > 1:
         predictions, bad = dict(processes.gather(list(predictions.items()))), processes.gather(bad)
     return predictions, bad

@@ -1,18 +1,19 @@
 """The train / resume / test commands, shared by src.ft and src.peft (which only pass their Method)."""
+import functools
 import json
 import os
 from pathlib import Path
 
 from . import config as run_config
 from . import constants as C
-from . import decoding
+from . import consensus, decoding
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state, weights_fingerprint
 from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
 from .distributed import Processes, check_device, main_process
 from .engine import EXIT_STOPPED, Interrupted, Trainer, caption_in_shares, describe_run
 from .evaluate import format_scores, score_captions
-from .helpers import UserError, exit_on_user_error, log, setup_logging, write_json_atomic
+from .helpers import UserError, exit_on_user_error, log, seed_everything, setup_logging, write_json_atomic
 from .jobs import StopSignals, current_job, is_requeue_of
 from .families import load_family
 from .modeling import to_device
@@ -150,7 +151,12 @@ def _test(method, argv, stop):
                              f"penalties) from a grid on {1 - decoding.HELD_OUT_FRACTION:.0%} of the validation images "
                              f"(--val-max-images to go faster), score the choice on the other "
                              f"{decoding.HELD_OUT_FRACTION:.0%}, write <output-dir>/{decoding.DECODING_FILE}; later "
-                             f"test runs of the same model use its best setting")
+                             f"test runs of the same model use its best setting; with --mbr N it also tries the best "
+                             f"setting with consensus decoding over N candidates")
+    parser.add_argument("--mbr", type=int, metavar="N",
+                        help="consensus decoding: draw N candidate captions per image (the beam search's best "
+                             "min(N, --num-beams), then samples) and write the one with the highest mean CIDEr-D "
+                             "against the others (minimum Bayes risk; needs the training annotations); 0 = beam search")
     args = parser.parse_args(argv)
     if args.tune_decoding and args.split != "val":
         raise UserError("--tune-decoding chooses decoding on the validation set: add --split val")
@@ -181,21 +187,43 @@ def _test(method, argv, stop):
     transform = ImageTransform(family.processor.image_processor, use_draft=not config.exact_preprocessing)
     references = {r.image_id: r.captions for r in records}
 
-    def caption(settings, records=records):
-        return caption_in_shares(processes, model, records, transform, family, settings, device, precision,
-                                 f"captioning {args.split}", stop=lambda: processes.sum([bool(stop.received)])[0] > 0)
+    cider = functools.cache(lambda: consensus.training_cider(config.data_dir, config.drop_rejected,
+                                                             config.drop_precanned))
 
+    def caption(settings, records=records):
+        """(the images of the candidates file, bad images): each image's candidates and the caption written, the top
+        beam or with --mbr their consensus."""
+        seed_everything(config.seed)  # the samples of --mbr: the same captions each time
+        drawn, bad = caption_in_shares(processes, model, records, transform, family, settings, device, precision,
+                                       f"captioning {args.split}", candidates=True,
+                                       stop=lambda: processes.sum([bool(stop.received)])[0] > 0)
+        return consensus.pick(records, drawn, cider() if settings.mbr else None), bad
+
+    if config.mbr:
+        cider()  # before captioning: without the training annotations it stops now, not after the pass
+        if min(config.mbr, config.num_beams) < 2 and C.MBR_CHOOSE_FROM == "beams" and not args.tune_decoding:
+            log.warning(f"--mbr {config.mbr} with {config.num_beams} beam: samples only vote "
+                        f"(MBR_CHOOSE_FROM=beams), so the one beam is written; give --num-beams 2 or more")
     if args.tune_decoding:
         return _tune_decoding(config, output_dir, checkpoint, records, references, caption, processes)
     log.info(f"captioning {len(records)} {args.split} images with {checkpoint} "
              f"({decoding.describe(decoding.current(config))}, batch {config.eval_batch_size}, precision {precision})")
-    predictions, bad = caption(config)
+    images, bad = caption(config)
     if not processes.is_main:
         return 0
-    captions = [{"image_id": r.image_id, "caption": predictions[r.image_id]} for r in records]
+    captions = [{"image_id": image["image_id"], "caption": image["caption"]} for image in images]
+    predictions = {c["image_id"]: c["caption"] for c in captions}
     out_file = output_dir / f"{args.split}_captions.json"
     write_json_atomic(out_file, captions)
     log.info(f"wrote {len(captions)} captions to {out_file}" + (f" ({len(bad)} unreadable images got a blank-image caption)" if bad else ""))
+    candidates_file = consensus.candidates_file(output_dir, args.split)
+    consensus.write(candidates_file, args.split, images, data_dir=config.data_dir, checkpoint=checkpoint,
+                    family=family.name, decoding=decoding.current(config),
+                    chosen_by=f"consensus, among the {C.MBR_CHOOSE_FROM}" if config.mbr else "beam search")
+    chosen = (f"; consensus chose another caption than the top beam for {consensus.changed(images)} of {len(images)} "
+              f"images" if config.mbr else "")
+    log.info(f"wrote every image's {len(images[0]['candidates']) if images else 0} candidates to {candidates_file}"
+             f"{chosen}")
     if args.split == "val":
         scores, _, tokenizer = score_captions(references, predictions)
         write_json_atomic(output_dir / "val_scores.json", {"checkpoint": checkpoint, **scores, "tokenizer": tokenizer,
@@ -228,10 +256,11 @@ def _tune_decoding(config, output_dir, checkpoint, records, references, caption,
                                     else ({}, {}, None))
             tokenizers.append(tokenizer)
             return processes.sum([scores.get("CIDEr", 0.0)])[0]
-        return (lambda settings: caption(settings, part)[0]), score
+        return (lambda settings: {image["image_id"]: image["caption"] for image in caption(settings, part)[0]}), score
 
+    mbr, config.mbr = config.mbr, 0  # --mbr N: an option to try, not the run's own setting
     default = decoding.current(config)
-    rows = decoding.tune(*on(tuning), config)
+    rows = decoding.tune(*on(tuning), config, mbr)
     held_out_scores = decoding.score_held_out(*on(held_out), config, decoding.setting(rows[0]), default)
     if processes.is_main:
         tuned = decoding.save(output_dir, fingerprint, checkpoint, tokenizers[-1], rows, default, tuning, held_out,

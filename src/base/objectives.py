@@ -49,7 +49,7 @@ class SelfCritical:
             raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
         self.family, self.samples, self.baseline, self.max_new_tokens = family, samples, baseline, max_new_tokens
         self.temperature = temperature
-        self.cider = CiderD({r.image_id: [python_tokenize(c) for c in r.captions] for r in train_records})
+        self.cider = CiderD.from_training(train_records)
         self.stats = self._no_stats()
 
     @staticmethod

@@ -109,7 +109,8 @@ class Blip2(Family):
             inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens, do_sample=False, eos_token_id=self.end_id, pad_token_id=self.pad_id,
             bos_token_id=self.start_ids()[0], suppress_tokens=self.never_generated or None, **decoding)
-        return torch.cat([start, new], dim=1)  # from inputs_embeds alone, generate() returns only the new tokens
+        # from inputs_embeds alone, generate() returns only the new tokens (num_return_sequences rows per image)
+        return torch.cat([start.repeat_interleave(new.shape[0] // start.shape[0], dim=0), new], dim=1)
 
     @torch.no_grad()
     def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0):
