@@ -17,7 +17,7 @@ import torch
 from transformers import get_scheduler
 
 from . import constants as C
-from . import decoding, report
+from . import decoding, ocr, report
 from .budget import TimeBudget, format_duration
 from .checkpoint import (Progress, clear_run, has_training_state, load_training_state, save_best_model,
                          save_training_state)
@@ -92,8 +92,8 @@ def caption_records(model, records, transform, family, config, device, precision
     in all, batches or not (with several processes it is a collective question, asked as often by each of them).
     A bad image is captioned as a blank one (so a submission covers every id), unless --strict.
     """
-    loader = make_loader(ImageSet(records, transform), num_workers(config), collate_images,
-                         batch_size=config.eval_batch_size)
+    loader = make_loader(ImageSet(records, transform, ocr.prefixes(family, records, config)), num_workers(config),
+                         collate_images, batch_size=config.eval_batch_size)
     model.eval()
     predictions, bad = {}, []
     batches = iter(loader)
@@ -110,9 +110,10 @@ def caption_records(model, records, transform, family, config, device, precision
                 log.warning(f"bad image, captioned as a blank image: {message}")
             bad.extend(batch["bad"])
             with autocast(precision, device):
-                sequences = family.generate(model, batch["pixel_values"].to(device, non_blocking=True),
-                                            **decoding_settings(config))
-            predictions.update(zip(batch["image_ids"], family.decode(sequences)))
+                sequences, prefix_lengths = family.generate_from(
+                    model, batch["pixel_values"].to(device, non_blocking=True), batch["prefixes"],
+                    **decoding_settings(config))
+            predictions.update(zip(batch["image_ids"], family.decode(sequences, prefix_lengths)))
             bar.update(len(batch["image_ids"]))
     return predictions, bad
 
@@ -135,6 +136,8 @@ def caption_in_shares(processes, model, records, transform, family, config, devi
 
 def _load_records(config, split):
     records = with_captions(load_split(config.data_dir, split, config.drop_rejected, config.drop_precanned))
+    if config.ocr:
+        ocr.attach_ocr(records, config.data_dir, split, config.ocr_min_confidence)
     if split == "train":
         records = training_records(records)  # empty captions count as references in scoring, not in training
     if not records:
@@ -284,8 +287,10 @@ class Trainer:
         if self.processes.rank > 0:  # its own dropout masks and SCST samples; rank 0 goes on as one process would
             seed_everything(process_seed(config.seed, self.processes.rank))
         self.transform = ImageTransform(self.processor.image_processor, use_draft=not config.exact_preprocessing)
-        tokens = [self.family.training_sequences(r.captions, config.max_caption_tokens) for r in self.train_records]
-        train_set = CaptionTrainingSet(self.train_records, self.transform, tokens)
+        prefixes = ocr.prefixes(self.family, self.train_records, config)
+        tokens = [self.family.training_sequences(r.captions, config.max_caption_tokens, prefixes and prefixes[i])
+                  for i, r in enumerate(self.train_records)]
+        train_set = CaptionTrainingSet(self.train_records, self.transform, tokens, prefixes)
         self.sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed,
                                          self.processes.rank, self.processes.world)
         self.loader = make_loader(train_set, num_workers(config), CaptionCollator(self.family.pad_id, len(self.family.prefix)),
