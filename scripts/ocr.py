@@ -12,7 +12,9 @@ SGE_TASK_LAST by default) keeps what it has read in D/ocr/<split>.part-K-of-N.js
 where it stopped. The worker that finds every part complete merges them into D/ocr/<split>.json.
 """
 import argparse
-import multiprocessing
+import json
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 import os
 import sys
 import time
@@ -50,26 +52,51 @@ def _read_one(job):
         return image_id, [], str(error)
 
 
+def _read_all(todo, processes, threads):
+    """(image id, boxes, error) of each job, in this process or in `processes` worker processes (a few images queued
+    per process; a worker that dies raises BrokenProcessPool instead of hanging)."""
+    if processes <= 1:
+        _start_worker(threads, in_pool=False)
+        yield from map(_read_one, todo)
+        return
+    pool = ProcessPoolExecutor(processes, initializer=_start_worker, initargs=(threads,))
+    try:
+        jobs, pending = iter(todo), set()
+        while True:
+            for job in jobs:
+                pending.add(pool.submit(_read_one, job))
+                if len(pending) >= 4 * processes:
+                    break
+            if not pending:
+                return
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def part_path(data_dir, split, shard, shards):
     return ocr_path(data_dir, split).with_name(f"{split}.part-{shard}-of-{shards}.json")
 
 
 def _load_part(path):
-    import json
+    """The images an OCR file (a part, or a split's whole file) holds: {str(image id): boxes}."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())["images"]
+        return dict(json.loads(path.read_text())["images"])
     except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: unreadable partial OCR file ({error}); delete it to read its images again")
+        raise UserError(f"{path}: unreadable OCR file ({error}); delete it to read its images again")
 
 
-def read_shard(data_dir, split, records, shard, shards, processes, threads, save_every, stop):
-    """Read the images of shard `shard` (1-based) of `shards`; returns whether it is complete (else it was stopped)."""
+def read_shard(data_dir, split, records, shard, shards, processes, threads, save_every, stop, known):
+    """Read the images of shard `shard` (1-based) of `shards` that neither its part file nor `known` (an earlier
+    OCR file's images) holds; returns whether it is complete (else it was stopped)."""
     path = part_path(data_dir, split, shard, shards)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = _load_part(path)
     mine = records[shard - 1::shards]
+    done = {**{str(r.image_id): known[str(r.image_id)] for r in mine if str(r.image_id) in known}, **_load_part(path)}
     todo = [(r.image_id, r.path) for r in mine if str(r.image_id) not in done]
     if done:
         log.info(f"{path}: {len(done)} images already read, {len(todo)} to go")
@@ -84,10 +111,7 @@ def read_shard(data_dir, split, records, shard, shards, processes, threads, save
     from src.base.progress import ProgressBar
     started, saved_at, bad = time.perf_counter(), time.perf_counter(), 0
     desc = f"OCR {split}" + (f" (shard {shard}/{shards})" if shards > 1 else "")
-    pool = multiprocessing.Pool(processes, _start_worker, (threads,)) if processes > 1 else None
-    if pool is None:
-        _start_worker(threads, in_pool=False)
-    results = pool.imap_unordered(_read_one, todo) if pool else map(_read_one, todo)
+    results = _read_all(todo, processes, threads)
     try:
         with ProgressBar(len(mine), desc, "image", initial=len(mine) - len(todo)) as bar:
             for image_id, boxes, error in results:
@@ -101,22 +125,24 @@ def read_shard(data_dir, split, records, shard, shards, processes, threads, save
                 if time.perf_counter() - saved_at >= save_every:
                     save(False)
                     saved_at = time.perf_counter()
-    finally:  # Ctrl-C or a stop signal: keep what was read
-        if pool is not None:
-            pool.terminate()
+    except BrokenProcessPool:
+        raise UserError(f"{desc}: an OCR process died (out of memory?); what was read is saved in {path}: rerun the "
+                        f"same command to go on")
+    finally:  # a stop signal, Ctrl-C, a dead process: keep what was read
+        results.close()
         complete = len(done) >= len(mine) and all(str(r.image_id) in done for r in mine)
         save(complete)
     seconds = time.perf_counter() - started
     read = len(todo) if complete else None
     if read:
-        log.info(f"{desc}: read {read} images in {format_duration(seconds)}: {seconds / read:.2f} s per image with "
-                 f"{processes} process(es) of {threads} thread(s) ({bad} unreadable) -> {path}")
+        log.info(f"{desc}: read {read} images in {format_duration(seconds)} with {processes} process(es) of "
+                 f"{threads} thread(s): {read / seconds:.2f} images/s, {seconds * processes / read:.2f} s of a "
+                 f"process per image ({bad} unreadable) -> {path}")
     return complete
 
 
 def merge(data_dir, split, records, shards):
     """Write D/ocr/<split>.json from every part, once all are complete; returns whether it was written."""
-    import json
     parts = [part_path(data_dir, split, k, shards) for k in range(1, shards + 1)]
     images = {}
     for path in parts:
@@ -175,11 +201,13 @@ def main(argv=None):
     with StopSignals() as stop:
         for split in args.splits:
             records = load_split(args.data_dir, split, drop_rejected=False, drop_precanned=False)
-            if ocr_path(args.data_dir, split).is_file():
-                log.info(f"{ocr_path(args.data_dir, split)} exists: {split} already read (delete it to read again)")
+            known = _load_part(ocr_path(args.data_dir, split))  # a split read before: only new images are read
+            if all(str(r.image_id) in known for r in records):
+                log.info(f"{ocr_path(args.data_dir, split)}: every {split} image already read (delete it to read "
+                         f"them again)")
                 continue
             if not read_shard(args.data_dir, split, records, shard, shards, args.processes, args.threads,
-                              args.save_every, stop):
+                              args.save_every, stop, known):
                 log.info(f"stopped ({stop.received or 'interrupted'}); what was read is saved: rerun the same "
                          f"command to go on")
                 return EXIT_STOPPED

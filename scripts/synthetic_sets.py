@@ -12,6 +12,7 @@ one) is checked on these as well as on the demo's set.
   shelf"): a 32x32 tiny model cannot read it from the pixels, so only OCR (--ocr) can get it right.
 
     python -m scripts.synthetic_sets objects DIR [--train 240 --val 200 --test 10 --seed 7]
+    python -m scripts.synthetic_sets labels DIR --tiny-blip MODEL_DIR   # and a tiny BLIP that knows its words
 """
 import argparse
 import json
@@ -196,8 +197,12 @@ def main():
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--test", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--tiny-blip", help="also write a tiny BLIP whose vocabulary holds this set's words here")
     args = parser.parse_args()
     print(make_set(args.kind, args.out, args.train, args.val, args.test, args.seed))
+    if args.tiny_blip:
+        from scripts.make_demo_assets import make_tiny_blip
+        print(make_tiny_blip(args.tiny_blip, texts=texts(args.kind), seed=3))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def attach_ocr(records, data_dir, split, min_confidence):
     missing = [r.image_id for r in records if r.image_id not in read]
     if missing:
         raise UserError(f"{ocr_path(data_dir, split)}: no OCR for {len(missing)} of the {len(records)} {split} images "
-                        f"(image id {missing[0]}, ...); make it again with {make_command(data_dir, split)}")
+                        f"(image id {missing[0]}, ...); {make_command(data_dir, split)} reads the missing ones")
     for record in records:
         record.ocr = words(read[record.image_id], min_confidence)
     return records
