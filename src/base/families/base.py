@@ -163,7 +163,7 @@ class Family:
         for image, prefix in enumerate(prefixes):
             groups.setdefault(len(prefix), []).append(image)
         rows_of, width = {}, 0
-        for length, images in groups.items():
+        for images in groups.values():
             self.start_rows = [prefixes[i] for i in images]
             try:
                 sequences = run(torch.tensor(images))
