@@ -6,10 +6,12 @@
 #      each keeping the checkpoint with the best validation CIDEr-D
 #   4. a second stage on the fine-tuned model: self-critical sequence training on CIDEr-D (--objective scst)
 #   5. another captioner family through the same entry point: a tiny GIT, fully fine-tuned
-#   6. choose decoding settings for the fine-tuned model on validation (--tune-decoding)
-#   7. write test_captions.json with each best model, and score each on the validation split; consensus decoding
+#   6. OCR-aware captioning: read the printed words of a set of labelled packages (scripts/ocr.py), then train a
+#      tiny BLIP on it with and without those words in its prefix (--ocr)
+#   7. choose decoding settings for the fine-tuned model on validation (--tune-decoding)
+#   8. write test_captions.json with each best model, and score each on the validation split; consensus decoding
 #      (--mbr) of the fine-tuned model, and an ensemble of the four runs (scripts/ensemble.py)
-#   8. one table of the runs (scripts/summarize.py) and one HTML report (scripts/report.py)
+#   9. one table of the runs (scripts/summarize.py) and one HTML report (scripts/report.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the demo runs here: a new environment gets the CPU build of torch where this machine has no GPU (setup_env.sh)
@@ -34,6 +36,16 @@ python -m src.ft.train --data-dir "$DEMO/vizwiz" --checkpoint "$DEMO/tiny-git" -
     --max-steps "$STEPS" --lr 1e-3 "${QUICK[@]}"
 echo "each run's first validation is its starting model (step 0), e.g. ft's:"
 grep -m1 "step 0 (the starting model)" "$OUT/ft/train.log" | cut -d' ' -f3-
+# OCR: packages and signs with a made-up brand word printed on them, named by the captions; a 32x32 tiny model cannot
+# read it, so only the OCR words in its prefix can tell it (docs/ocr.md)
+python -m scripts.synthetic_sets labels "$DEMO/labels" --train 160 --val 40 --test 10 --tiny-blip "$DEMO/tiny-blip-labels"
+python scripts/ocr.py --data-dir "$DEMO/labels"
+python -m src.ft.train --data-dir "$DEMO/labels" --checkpoint "$DEMO/tiny-blip-labels" --output-dir "$OUT/labels" \
+    --max-steps "$STEPS" --lr 1e-3 "${QUICK[@]}"
+python -m src.ft.train --data-dir "$DEMO/labels" --checkpoint "$DEMO/tiny-blip-labels" --output-dir "$OUT/labels-ocr" \
+    --max-steps "$STEPS" --lr 1e-3 "${QUICK[@]}" --ocr
+echo "the same tiny BLIP on the labels set, without and with the OCR words in its prefix:"
+python scripts/summarize.py "$OUT/labels" "$OUT/labels-ocr"
 python -m src.ft.test --output-dir "$OUT/ft" --split val --tune-decoding
 
 for run in ft peft ft-scst ft-git; do
@@ -64,7 +76,8 @@ python scripts/report.py "$OUT/ft" "$OUT/peft" "$OUT/ft-scst" "$OUT/ft-git" "$OU
     --title "VizWiz captioning demo (synthetic data, tiny models)"
 echo
 echo "The report (metrics, curves, captions next to their references): $OUT/report.html"
-echo "Each run's files: $OUT/<run>/ (ft, peft, ft-scst, ft-git, zero-shot): best_model/, metrics.jsonl, train.log,"
-echo "  test_captions.json (the challenge file), val_captions.json, val_scores.json, *_candidates.json, curves.png,"
-echo "  examples/, state/; $OUT/ft-mbr/ (consensus decoding) and $OUT/ensemble/ (the ensemble) hold captions and scores"
+echo "Each run's files: $OUT/<run>/ (ft, peft, ft-scst, ft-git, zero-shot, labels, labels-ocr): best_model/,"
+echo "  metrics.jsonl, train.log, test_captions.json (the challenge file), val_captions.json, val_scores.json,"
+echo "  *_candidates.json, curves.png, examples/, state/; $OUT/ft-mbr/ (consensus decoding) and $OUT/ensemble/ (the"
+echo "  ensemble) hold captions and scores"
 echo "The demo's data and tiny models: $DEMO/ (listed in data/README.md)"

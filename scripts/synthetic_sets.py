@@ -7,8 +7,12 @@ one) is checked on these as well as on the demo's set.
   ("a teal bottle of something on a kitchen counter", "someone's hand holding a brown mug").
 - "layout": one bar or ring, small or large, in one of four places of a landscape page; captions say where
   ("a small navy ring in the top left corner of a beige page").
+- "labels": a package (box, can, bottle) or a sign with a made-up brand word printed on it, sometimes over small
+  print, on a shelf or table; a quarter have no label. The captions name the word ("a teal box of zorvik on a
+  shelf"): a 32x32 tiny model cannot read it from the pixels, so only OCR (--ocr) can get it right.
 
     python -m scripts.synthetic_sets objects DIR [--train 240 --val 200 --test 10 --seed 7]
+    python -m scripts.synthetic_sets labels DIR --tiny-blip MODEL_DIR   # and a tiny BLIP that knows its words
 """
 import argparse
 import json
@@ -17,7 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.base.cli import ArgumentParser  # noqa: E402
@@ -105,14 +109,62 @@ def _layout_image(rng):
     return image, [w.format(z=size_word, c=color, m=mark, p=place, b=page) for w in LAYOUT_WORDINGS]
 
 
-GENERATORS = {"objects": _objects_image, "layout": _layout_image}
+# made-up words: no tiny model knows them, and nothing in the pixels but the printed letters tells them apart
+BRANDS = ["zorvik", "quenta", "malbrio", "tesharo", "vuncle", "drimsy", "pollux", "kavaro", "nimbel", "frusca",
+          "glorim", "bexley", "ostavo", "yumbra", "crenshi", "tavolo", "wexlin", "hurdix", "sopreno", "lindar",
+          "marzipo", "quibble", "rastov", "zephyra"]
+PACKAGES = ["box", "can", "bottle", "sign"]
+PLACES_ON = ["shelf", "table", "counter"]
+LABEL_WORDINGS = [
+    "a {c} {o} of {w} on a {s}",
+    "a {o} that says {w}",
+    "a {c} {o} labelled {w}",
+    "the label reads {w} on a {c} {o}",
+    "someone holding a {o} of {w} over a {s}",
+]
+PLAIN_WORDINGS = [
+    "a plain {c} {o} on a {s}",
+    "a {c} {o} with no label",
+    "a {o} on a {s} , nothing written on it",
+    "a blank {c} {o}",
+]
+SMALL_PRINT = ["net wt 12 oz", "best before 2026", "keep cool", "made in usa", "500 ml"]
+
+
+def _labels_image(rng):
+    package, color, place = rng.choice(PACKAGES), rng.choice(["pink", "teal", "navy", "beige", "lime", "maroon"]), \
+        rng.choice(PLACES_ON)
+    width = rng.randint(320, 480)
+    height = int(width * rng.choice([1.0, 4 / 3]))
+    image = _noisy_background(rng, width, height, PALETTE["grey" if place == "shelf" else "brown"])
+    draw = ImageDraw.Draw(image)
+    w, h = rng.uniform(0.7, 0.9) * width, rng.uniform(0.45, 0.6) * height
+    x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    draw.rounded_rectangle([x0, y0, x0 + w, y0 + h], radius=w / (3 if package in ("can", "bottle") else 30),
+                           fill=PALETTE[color])
+    ink = (250, 250, 250) if color in ("teal", "navy", "maroon") else (15, 15, 15)
+    if rng.random() < 0.25:
+        return image, [t.format(c=color, o=package, s=place) for t in PLAIN_WORDINGS]
+    word = rng.choice(BRANDS)
+    font = ImageFont.load_default(size=int(w / rng.uniform(5.5, 7.5)))
+    text = rng.choice([word.upper(), word.capitalize()])
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text((x0 + (w - right + left) / 2, y0 + h / 3 - (bottom - top) / 2), text, font=font, fill=ink)
+    if rng.random() < 0.5:
+        draw.text((x0 + w * 0.1, y0 + h * 0.75), rng.choice(SMALL_PRINT), fill=ink,
+                  font=ImageFont.load_default(size=max(12, int(w / 20))))
+    return image, [t.format(c=color, o=package, s=place, w=word) for t in LABEL_WORDINGS]
+
+
+GENERATORS = {"objects": _objects_image, "layout": _layout_image, "labels": _labels_image}
 
 
 def texts(kind):
     """Every word the captions of `kind` can use (for a tiny model's vocabulary)."""
-    words = list(PALETTE) + (OBJECTS + list(SCENES) if kind == "objects" else MARKS + list(PLACES) + list(SIZES))
-    wordings = OBJECT_WORDINGS if kind == "objects" else LAYOUT_WORDINGS
-    return [w.format(c="", o="", s="", z="", m="", p="", b="") for w in wordings] + words
+    words = list(PALETTE) + {"objects": OBJECTS + list(SCENES), "layout": MARKS + list(PLACES) + list(SIZES),
+                             "labels": BRANDS + PACKAGES + PLACES_ON}[kind]
+    wordings = {"objects": OBJECT_WORDINGS, "layout": LAYOUT_WORDINGS, "labels": LABEL_WORDINGS + PLAIN_WORDINGS}[kind]
+    return [w.format(c="", o="", s="", z="", m="", p="", b="", w="") for w in wordings] + words
 
 
 def make_set(kind, root, train=240, val=200, test=10, seed=7):
@@ -145,8 +197,12 @@ def main():
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--test", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--tiny-blip", help="also write a tiny BLIP whose vocabulary holds this set's words here")
     args = parser.parse_args()
     print(make_set(args.kind, args.out, args.train, args.val, args.test, args.seed))
+    if args.tiny_blip:
+        from scripts.make_demo_assets import make_tiny_blip
+        print(make_tiny_blip(args.tiny_blip, texts=texts(args.kind), seed=3))
 
 
 if __name__ == "__main__":

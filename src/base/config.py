@@ -56,6 +56,9 @@ class RunConfig:
     scst_baseline: str = "mean"
     label_smoothing: float = 0.0
     prompt: str = ""
+    ocr: bool = False
+    ocr_min_confidence: float = 0.5
+    ocr_max_tokens: int = 12
     eval_at_start: bool = True
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
@@ -82,6 +85,7 @@ def defaults(method):
         lora_targets=C.LORA_TARGETS, strict=C.STRICT, objective="xe", grad_accum=C.GRAD_ACCUM,
         grad_checkpointing=C.GRAD_CHECKPOINTING, compile=C.COMPILE, scst_samples=C.SCST_SAMPLES, scst_temperature=C.SCST_TEMPERATURE,
         scst_baseline=C.SCST_BASELINE, label_smoothing=C.LABEL_SMOOTHING, prompt=C.PROMPT,
+        ocr=C.OCR, ocr_min_confidence=C.OCR_MIN_CONFIDENCE, ocr_max_tokens=C.OCR_MAX_TOKENS,
         eval_at_start=C.EVAL_AT_START, length_penalty=C.LENGTH_PENALTY, repetition_penalty=C.REPETITION_PENALTY,
         exact_preprocessing=C.EXACT_PREPROCESSING, tf32=C.TF32,
     )
@@ -216,6 +220,10 @@ def _check(config):
         raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.repetition_penalty <= 0:
         raise UserError(f"--repetition-penalty must be positive, got {config.repetition_penalty}")
+    if not 0.0 <= config.ocr_min_confidence <= 1.0:
+        raise UserError(f"--ocr-min-confidence must be in [0, 1], got {config.ocr_min_confidence}")
+    if config.ocr_max_tokens < 1:
+        raise UserError(f"--ocr-max-tokens must be positive, got {config.ocr_max_tokens}")
     if config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr}")
     if config.save_every_minutes <= 0:
@@ -253,6 +261,13 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
                    help="cross-entropy label smoothing (default 0.1, as BLIP's own captioning loss; 0 = off)")
     p.add_argument("--prompt", help="text every caption starts from, e.g. 'a picture of' (BLIP's fine-tuning prompt): "
                                     "trained on but not scored, generated from, stripped from written captions")
+    p.add_argument("--ocr", action=argparse.BooleanOptionalAction,
+                   help="put each image's OCR words (from <data-dir>/ocr/<split>.json: python scripts/ocr.py) in its "
+                        "caption's prefix, before the prompt: read, never trained to be written, never in a caption")
+    p.add_argument("--ocr-min-confidence", type=float,
+                   help="--ocr: leave out text boxes read with less confidence (0-1, default 0.5)")
+    p.add_argument("--ocr-max-tokens", type=int, help="--ocr: at most this many tokens of OCR words per image "
+                                                       "(largest text first; default 12)")
     p.add_argument("--epochs", type=int, help="passes over every kept caption of the training set")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all; > 0 overrides --epochs")
     p.add_argument("--batch-size", type=int, help=batch_help)

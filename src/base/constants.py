@@ -85,6 +85,9 @@ COMPILE_BACKEND = _env("COMPILE_BACKEND", "inductor")
 SEED = _env("SEED", 42)
 LABEL_SMOOTHING = _env("LABEL_SMOOTHING", 0.1)   # BLIP's own captioning loss uses 0.1
 PROMPT = _env("PROMPT", "")                      # e.g. "a picture of" (BLIP's fine-tuning prompt); "" = none
+OCR = _env("OCR", False)                         # OCR words in the caption prefix (scripts/ocr.py first; docs/ocr.md)
+OCR_MIN_CONFIDENCE = _env("OCR_MIN_CONFIDENCE", 0.5)  # --ocr: text boxes read with less confidence are left out
+OCR_MAX_TOKENS = _env("OCR_MAX_TOKENS", 12)      # --ocr: at most this many tokens of OCR words per image
 
 # ---- self-critical sequence training (--objective scst) ----------------------
 SCST_SAMPLES = _env("SCST_SAMPLES", 5)           # captions sampled per image

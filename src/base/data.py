@@ -21,6 +21,7 @@ class ImageRecord:
     image_id: int
     path: Path
     captions: list = field(default_factory=list)  # kept reference captions; empty for the test split
+    ocr: list = field(default_factory=list)  # words printed in the image (--ocr: ocr.attach_ocr)
 
 
 # ---------------------------------------------------------------- annotations
@@ -320,13 +321,15 @@ def _warn_unusable(path, error):
 class CaptionTrainingSet(torch.utils.data.Dataset):
     """One item per image: its pixels and the token ids of all its kept captions.
 
-    Captions are tokenised once, up front. A bad image yields None (the collator skips it).
+    Captions are tokenised once, up front. A bad image yields None (the collator skips it). `prefixes`: each
+    record's own token prefix (--ocr), which its caption tokens start with; None: the family's one prefix.
     """
 
-    def __init__(self, records, transform, caption_tokens):
+    def __init__(self, records, transform, caption_tokens, prefixes=None):
         self.records = records
         self.transform = transform
         self.caption_tokens = caption_tokens  # per record: list of token-id lists
+        self.prefixes = prefixes
         transform.use_caches(records)
 
     def __len__(self):
@@ -339,15 +342,18 @@ class CaptionTrainingSet(torch.utils.data.Dataset):
         except BadImage as error:
             return {"bad": str(error)}
         return {"pixel_values": pixels, "captions": self.caption_tokens[index], "image_id": record.image_id,
-                "stand_in": isinstance(index, StandIn)}
+                "stand_in": isinstance(index, StandIn),
+                **({"prefix": self.prefixes[index]} if self.prefixes is not None else {})}
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Images to caption (validation or test). A bad image becomes a blank one, flagged, so it still gets a caption."""
+    """Images to caption (validation or test). A bad image becomes a blank one, flagged, so it still gets a caption.
+    `prefixes`: each record's own token prefix to generate from (--ocr); None: the family's one prefix."""
 
-    def __init__(self, records, transform):
+    def __init__(self, records, transform, prefixes=None):
         self.records = records
         self.transform = transform
+        self.prefixes = prefixes
         transform.use_caches(records)
 
     def __len__(self):
@@ -359,7 +365,8 @@ class ImageSet(torch.utils.data.Dataset):
             image, bad = self.transform.load(record.path), None
         except BadImage as error:
             image, bad = Image.new("RGB", self.transform.size), str(error)
-        return {"pixel_values": self.transform(image), "image_id": record.image_id, "bad": bad}
+        return {"pixel_values": self.transform(image), "image_id": record.image_id, "bad": bad,
+                "prefix": self.prefixes[index] if self.prefixes is not None else None}
 
 
 def collate_images(samples):
@@ -367,6 +374,7 @@ def collate_images(samples):
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "image_ids": [s["image_id"] for s in samples],
         "bad": [s["bad"] for s in samples if s["bad"]],
+        "prefixes": [s["prefix"] for s in samples] if samples[0].get("prefix") is not None else None,
     }
 
 
@@ -374,7 +382,9 @@ def collate_images(samples):
 
 class CaptionCollator:
     """Stack images; pad every caption to the longest in this batch; labels = ids, -100 at padding and on the
-    first `prefix_length` tokens (start token and prompt: given, not predicted).
+    first `prefix_length` tokens (start token and prompt: given, not predicted), or on a sample's own "prefix" (its
+    OCR words too, --ocr: given, never trained to be written), which the batch then carries as "prefixes" (SCST
+    samples from them).
 
     `captions_per_image` lets the model encode each image once and share it across its captions.
     `stand_in`: the batch is a stand-in image (see StandIn), to be trained on with zero weight.
@@ -396,7 +406,12 @@ class CaptionCollator:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, : self.prefix_length] = -100
+        prefixes = [s["prefix"] for s in good] if "prefix" in good[0] else None
+        if prefixes is None:
+            labels[:, : self.prefix_length] = -100
+        else:
+            for row, length in enumerate(len(p) for p, s in zip(prefixes, good) for _ in s["captions"]):
+                labels[row, :length] = -100
         return {
             "pixel_values": torch.stack([s["pixel_values"] for s in good]),
             "captions_per_image": torch.tensor([len(s["captions"]) for s in good]),
@@ -407,6 +422,7 @@ class CaptionCollator:
             "num_captions": len(sequences),
             "bad": bad,
             "stand_in": any(s.get("stand_in", False) for s in good),
+            "prefixes": prefixes,
         }
 
 

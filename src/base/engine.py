@@ -17,7 +17,7 @@ import torch
 from transformers import get_scheduler
 
 from . import constants as C
-from . import decoding, report
+from . import decoding, ocr, report
 from .budget import TimeBudget, format_duration
 from .checkpoint import (Progress, clear_run, has_training_state, load_training_state, save_best_model,
                          save_training_state)
@@ -85,21 +85,21 @@ def decoding_settings(config):
     return {key: getattr(config, key) for key in decoding.GENERATE_KEYS}
 
 
-def draw_candidates(model, pixel_values, family, config):
+def draw_candidates(model, pixel_values, prefixes, family, config):
     """Each image's candidate captions, [{"caption", "source"}], best beam first: the beam search's n-best (all
     --num-beams of them: returning them costs nothing more than the beam search itself), or with --mbr N the
     min(N, --num-beams) best beams and N minus that many samples drawn at temperature MBR_TEMPERATURE. The beams
     are the model's strongest guesses, the samples the spread of what it might say: consensus over the pool can
     only replace the top beam by a caption the samples agree with more (see consensus.py)."""
     beams = min(config.mbr, config.num_beams) if config.mbr else config.num_beams
-    captions = family.decode(family.generate(model, pixel_values, num_return_sequences=beams,
-                                             **decoding_settings(config)))
+    captions = family.decode(*family.generate_from(model, pixel_values, prefixes, num_return_sequences=beams,
+                                                   **decoding_settings(config)))
     drawn = [[{"caption": c, "source": "beam"} for c in captions[i * beams: (i + 1) * beams]]
              for i in range(pixel_values.shape[0])]
     samples = config.mbr - beams if config.mbr else 0
     if samples > 0:
-        sampled = family.decode(family.sample(model, family.encode_images(model, pixel_values), samples,
-                                              config.max_new_tokens, temperature=C.MBR_TEMPERATURE))
+        sampled = family.decode(*family.sample_from(model, family.encode_images(model, pixel_values), prefixes, samples,
+                                                    config.max_new_tokens, temperature=C.MBR_TEMPERATURE))
         for i, image in enumerate(drawn):
             image += [{"caption": c, "source": "sample"} for c in sampled[i * samples: (i + 1) * samples]]
     return drawn
@@ -114,8 +114,8 @@ def caption_records(model, records, transform, family, config, device, precision
     in all, batches or not (with several processes it is a collective question, asked as often by each of them).
     A bad image is captioned as a blank one (so a submission covers every id), unless --strict.
     """
-    loader = make_loader(ImageSet(records, transform), num_workers(config), collate_images,
-                         batch_size=config.eval_batch_size)
+    loader = make_loader(ImageSet(records, transform, ocr.prefixes(family, records, config)), num_workers(config),
+                         collate_images, batch_size=config.eval_batch_size)
     model.eval()
     predictions, bad = {}, []
     batches = iter(loader)
@@ -134,9 +134,10 @@ def caption_records(model, records, transform, family, config, device, precision
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             with autocast(precision, device):
                 if candidates:
-                    captions = draw_candidates(model, pixel_values, family, config)
+                    captions = draw_candidates(model, pixel_values, batch["prefixes"], family, config)
                 else:
-                    captions = family.decode(family.generate(model, pixel_values, **decoding_settings(config)))
+                    captions = family.decode(*family.generate_from(model, pixel_values, batch["prefixes"],
+                                                                   **decoding_settings(config)))
             predictions.update(zip(batch["image_ids"], captions))
             bar.update(len(batch["image_ids"]))
     return predictions, bad
@@ -162,6 +163,8 @@ def caption_in_shares(processes, model, records, transform, family, config, devi
 
 def _load_records(config, split):
     records = with_captions(load_split(config.data_dir, split, config.drop_rejected, config.drop_precanned))
+    if config.ocr:
+        ocr.attach_ocr(records, config.data_dir, split, config.ocr_min_confidence)
     if split == "train":
         records = training_records(records)  # empty captions count as references in scoring, not in training
     if not records:
@@ -311,8 +314,10 @@ class Trainer:
         if self.processes.rank > 0:  # its own dropout masks and SCST samples; rank 0 goes on as one process would
             seed_everything(process_seed(config.seed, self.processes.rank))
         self.transform = ImageTransform(self.processor.image_processor, use_draft=not config.exact_preprocessing)
-        tokens = [self.family.training_sequences(r.captions, config.max_caption_tokens) for r in self.train_records]
-        train_set = CaptionTrainingSet(self.train_records, self.transform, tokens)
+        prefixes = ocr.prefixes(self.family, self.train_records, config)
+        tokens = [self.family.training_sequences(r.captions, config.max_caption_tokens, prefixes and prefixes[i])
+                  for i, r in enumerate(self.train_records)]
+        train_set = CaptionTrainingSet(self.train_records, self.transform, tokens, prefixes)
         self.sampler = EpochBatchSampler(len(train_set), config.batch_size, config.seed,
                                          self.processes.rank, self.processes.world)
         self.loader = make_loader(train_set, num_workers(config), CaptionCollator(self.family.pad_id, len(self.family.prefix)),

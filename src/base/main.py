@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import config as run_config
 from . import constants as C
-from . import consensus, decoding
+from . import consensus, decoding, ocr
 from .checkpoint import BEST_DIR, STATE_DIR, best_model_dir, has_training_state, weights_fingerprint
 from .data import ImageTransform, load_split, with_captions
 from .budget import parse_time_limit
@@ -184,6 +184,8 @@ def _test(method, argv, stop):
     records = load_split(config.data_dir, args.split, config.drop_rejected, config.drop_precanned)
     if args.split == "val":
         records = with_captions(records)
+    if config.ocr:
+        ocr.attach_ocr(records, config.data_dir, args.split, config.ocr_min_confidence)
     transform = ImageTransform(family.processor.image_processor, use_draft=not config.exact_preprocessing)
     references = {r.image_id: r.captions for r in records}
 

@@ -59,10 +59,10 @@ class SelfCritical:
     def units(self, batch):
         return batch["pixel_values"].shape[0] * self.samples
 
-    def rewards(self, image_ids, sequences):
+    def rewards(self, image_ids, sequences, prefix_lengths=None):
         """CIDEr-D of each sampled caption, read as validation reads captions; `image_ids` has one entry per sequence."""
         started = time.perf_counter()
-        scores = self.cider.scores(image_ids, [python_tokenize(c) for c in self.family.decode(sequences)])
+        scores = self.cider.scores(image_ids, [python_tokenize(c) for c in self.family.decode(sequences, prefix_lengths)])
         self.stats["reward_seconds"] += time.perf_counter() - started
         return scores
 
@@ -71,18 +71,18 @@ class SelfCritical:
         mode, and their log-probabilities computed with every dropout layer off, so the gradient is that of the
         policy that chose them. Training mode with dropout (LoRA's, for one) would score other captions than the
         ones sampled, and with activation checkpointing transformers turns the KV cache off in training mode."""
-        family = self.family
+        family, prefixes = self.family, batch.get("prefixes")  # each image's own prefix under --ocr
         with dropout_off(model):
             image_features = family.encode_images(model, batch["pixel_values"])
             with evaluation_mode(model):
-                sequences = family.sample(model, image_features.detach(), self.samples, self.max_new_tokens,
-                                          temperature=self.temperature)
-                greedy = (family.sample(model, image_features.detach(), 1, self.max_new_tokens, greedy=True)
-                          if self.baseline == "greedy" else None)
+                sequences, prefix_lengths = family.sample_from(model, image_features.detach(), prefixes, self.samples,
+                                                               self.max_new_tokens, temperature=self.temperature)
+                greedy = (family.sample_from(model, image_features.detach(), prefixes, 1, self.max_new_tokens,
+                                             greedy=True) if self.baseline == "greedy" else None)
             image_ids = np.repeat(batch["image_ids"], self.samples)
-            rewards = self.rewards(image_ids, sequences).reshape(-1, self.samples)
+            rewards = self.rewards(image_ids, sequences, prefix_lengths).reshape(-1, self.samples)
             if greedy is not None:
-                baseline = self.rewards(batch["image_ids"], greedy)[:, None]
+                baseline = self.rewards(batch["image_ids"], *greedy)[:, None]
             else:  # mean of the image's other samples: unbiased, and costs no extra decoding
                 baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (self.samples - 1)
             if not batch.get("stand_in"):  # another process trains on this image
@@ -90,7 +90,8 @@ class SelfCritical:
                 self.stats["rewards"] += rewards.size
             advantage = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32, device=sequences.device)
             log_probs, tokens = family.sequence_log_probs(
-                model, image_features.repeat_interleave(self.samples, dim=0), sequences, self.temperature)
+                model, image_features.repeat_interleave(self.samples, dim=0), sequences, self.temperature,
+                prefix_lengths, self.max_new_tokens)
         # a mean over every sampled token, as self-critical.pytorch's RewardCriterion: a per-caption mean would
         # scale the step by the caption length (about 10x on VizWiz) and make the learning rate depend on it.
         # The engine weights micro-batches and processes by units() (samples), not by sampled tokens: with

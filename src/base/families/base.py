@@ -8,7 +8,9 @@ pieces (the training loss, SCST's log-probabilities, batches) is written once, h
 Token sequences are laid out the same way in every family:
     [start tokens] [prompt tokens] [caption tokens] [end token] [padding]
 `prefix` is the start and prompt tokens: generation begins with them, training does not score them,
-and `decode` drops them, so a prompt never reaches a written or scored caption.
+and `decode` drops them, so a prompt never reaches a written or scored caption. With --ocr each image has a prefix
+of its own, its OCR words between the start and prompt tokens (`prefix_ids`); `generate_from` and `sample_from`
+start each image from its own, and `decode` and `sequence_log_probs` then take each row's prefix length.
 """
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ class Family:
         self.config, self.processor, self.tokenizer = config, processor, processor.tokenizer
         self.prompt = prompt.strip()
         self.prefix = self.start_ids() + (self.word_ids([self.prompt])[0] if self.prompt else [])
+        self.start_rows = None  # the prefix of each image while generate_from / sample_from run (see first_tokens)
 
     # ---- loading (no instance needed)
 
@@ -61,25 +64,38 @@ class Family:
         """Token ids of each text, without special tokens."""
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
-    def training_sequences(self, captions, max_tokens):
-        """Token ids of each caption as the model is trained on it: prefix, words, end token, at most `max_tokens`
-        in all (longer captions lose words, never the end token)."""
+    def prefix_ids(self, ocr_words, max_tokens):
+        """An image's prefix under --ocr: the start tokens, its OCR words (whole words, at most `max_tokens` tokens in
+        all), the prompt. An image without text has the family's `prefix`."""
+        ocr = []
+        for ids in self.word_ids([" " + word for word in ocr_words]):  # " ": a word inside text, for BPE tokenizers
+            if len(ocr) + len(ids) > max_tokens:
+                break
+            ocr += ids
+        start = len(self.start_ids())
+        return self.prefix[:start] + ocr + self.prefix[start:]
+
+    def training_sequences(self, captions, max_tokens, prefix=None):
+        """Token ids of each caption as the model is trained on it: prefix (`prefix`, an image's own, or the
+        family's), words, end token; at most `max_tokens` besides an image's OCR words (longer captions lose words,
+        never the end token)."""
         room = max(1, max_tokens - len(self.prefix) - 1)
         words = self.word_ids([self.training_text(c) for c in captions])
-        return [self.prefix + ids[:room] + [self.end_id] for ids in words]
+        return [(prefix or self.prefix) + ids[:room] + [self.end_id] for ids in words]
 
     def training_text(self, caption):
         """The text a reference caption is trained as: what tidy could not tell apart once tokenised is written
         apart, with the same PTB tokens (see text.py). Families whose tokenizer round-trips text override this."""
         return training_caption(caption)
 
-    def decode(self, sequences):
-        """Caption text of each generated or sampled sequence (prefix included): the prefix and everything from the
-        end token on are dropped, and the text is written the way reference captions are (see text.py).
+    def decode(self, sequences, prefix_lengths=None):
+        """Caption text of each generated or sampled sequence (prefix included): the prefix (the first
+        `prefix_lengths[row]` tokens where rows have their own) and everything from the end token on are dropped,
+        and the text is written the way reference captions are (see text.py).
         Validation, test and the SCST reward all read captions through this one function."""
         captions = []
-        for row in sequences.tolist() if torch.is_tensor(sequences) else sequences:
-            words = row[len(self.prefix):]
+        for i, row in enumerate(sequences.tolist() if torch.is_tensor(sequences) else sequences):
+            words = row[len(self.prefix) if prefix_lengths is None else int(prefix_lengths[i]):]
             if self.end_id in words:
                 words = words[: words.index(self.end_id)]
             # pinned off: tokenizers saved by transformers 4.x turn it on, merging "says ' open ' on" to "says'open'on"
@@ -115,12 +131,64 @@ class Family:
         encode_images."""
         raise NotImplementedError
 
+    def first_tokens(self, rows, device=None):
+        """The prefix every generated row starts from [rows, prefix tokens]: the family's, or while generate_from /
+        sample_from run, each image's own (all of one length), repeated for the rows of each image."""
+        if self.start_rows is None:
+            return torch.tensor([self.prefix], device=device).expand(rows, -1)
+        starts = torch.tensor(self.start_rows, device=device)
+        return starts.repeat_interleave(rows // starts.shape[0], dim=0)
+
+    def generate_from(self, model, pixel_values, prefixes=None, **settings):
+        """generate() with each image starting from its own prefix (`prefixes`, --ocr; None: the family's).
+        Returns (sequences, each row's prefix length, or None without `prefixes`)."""
+        if prefixes is None:
+            return self.generate(model, pixel_values, **settings), None
+        return self._by_prefix_length(prefixes, lambda images: self.generate(model, pixel_values[images], **settings))
+
+    def sample_from(self, model, image_features, prefixes, samples_per_image, max_new_tokens, **settings):
+        """sample() with each image starting from its own prefix (`prefixes`, --ocr; None: the family's).
+        Returns (sequences, each row's prefix length, or None without `prefixes`)."""
+        if prefixes is None:
+            return self.sample(model, image_features, samples_per_image, max_new_tokens, **settings), None
+        return self._by_prefix_length(prefixes, lambda images: self.sample(
+            model, image_features[images], samples_per_image, max_new_tokens, **settings))
+
+    def _by_prefix_length(self, prefixes, run):
+        """`run(image indices)` once per prefix length, for the images whose prefixes have that length: no prefix is
+        padded, so a row is generated exactly as it would be alone (left padding would shift the positions of GIT's
+        and BLIP's absolute position embeddings). Rows are put back in image order (an image's rows together),
+        right-padded with pad_id; returns them with each row's prefix length."""
+        groups = {}
+        for image, prefix in enumerate(prefixes):
+            groups.setdefault(len(prefix), []).append(image)
+        rows_of, width = {}, 0
+        for images in groups.values():
+            self.start_rows = [prefixes[i] for i in images]
+            try:
+                sequences = run(torch.tensor(images))
+            finally:
+                self.start_rows = None
+            per_image = sequences.shape[0] // len(images)
+            for k, image in enumerate(images):
+                rows_of[image] = sequences[k * per_image: (k + 1) * per_image]
+            width = max(width, sequences.shape[1])
+        rows = [rows_of[i] for i in range(len(prefixes))]
+        sequences = torch.full((sum(r.shape[0] for r in rows), width), self.pad_id, dtype=rows[0].dtype,
+                               device=rows[0].device)
+        lengths, start = [], 0
+        for image, r in enumerate(rows):
+            sequences[start: start + r.shape[0], : r.shape[1]] = r
+            lengths += [len(prefixes[image])] * r.shape[0]
+            start += r.shape[0]
+        return sequences, torch.tensor(lengths, device=sequences.device)
+
     def draw_tokens(self, rows, max_new_tokens, next_logits, greedy=False, temperature=1.0, device=None):
         """The token-by-token loop that families with their own cached decoding share (GIT, BLIP-2): `rows`
         sequences start with `prefix`; `next_logits(tokens, first)` feeds `tokens` (the prefix first, then each drawn
         token) and returns the logits of the last position. Greedy, or sampled from softmax(logits / temperature);
         rows that have ended are padded."""
-        sequences = torch.tensor([self.prefix], device=device).expand(rows, -1)
+        sequences = self.first_tokens(rows, device)
         step, ended = sequences, torch.zeros(rows, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
             logits = next_logits(step, i == 0).float()
@@ -153,20 +221,32 @@ class Family:
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100, label_smoothing=label_smoothing)
 
-    def generated_mask(self, sequences):
-        """Which tokens of sampled sequences the model chose: after the prefix, up to and including the first end
-        token. Returns a bool tensor shaped like `sequences[:, 1:]` (the positions that are predicted)."""
+    def generated_mask(self, sequences, prefix_lengths=None, max_new_tokens=None):
+        """Which tokens of sampled sequences the model chose: after the prefix (each row's own: `prefix_lengths`),
+        up to and including the first end token, at most `max_new_tokens` (rows of sample_from are right-padded
+        past that when they never ended). Returns a bool tensor shaped like `sequences[:, 1:]` (the positions that
+        are predicted)."""
         targets = sequences[:, 1:]
-        generated = torch.arange(1, sequences.shape[1], device=sequences.device) >= len(self.prefix)
+        positions = torch.arange(1, sequences.shape[1], device=sequences.device)
+        if prefix_lengths is None:
+            generated = positions >= len(self.prefix)
+        else:
+            starts = prefix_lengths.to(sequences.device)[:, None]
+            generated = (positions >= starts) & (max_new_tokens is None or positions < starts + max_new_tokens)
         is_end = (targets == self.end_id) & generated
         return generated & ((is_end.long().cumsum(dim=1) - is_end.long()) == 0)
 
-    def sequence_log_probs(self, model, image_features, sequences, temperature=1.0):
+    def sequence_log_probs(self, model, image_features, sequences, temperature=1.0, prefix_lengths=None,
+                           max_new_tokens=None):
         """(log-probability of each sampled caption's generated tokens under softmax(logits / temperature), with
-        gradients; how many tokens that is)."""
-        counted = self.generated_mask(sequences)
+        gradients; how many tokens that is). `prefix_lengths`, `max_new_tokens`: as sample_from gave them."""
+        counted = self.generated_mask(sequences, prefix_lengths, max_new_tokens)
         attention_mask = torch.cat([torch.ones_like(sequences[:, :1]), counted.long()], dim=1)
-        attention_mask[:, : len(self.prefix)] = 1
+        if prefix_lengths is None:
+            attention_mask[:, : len(self.prefix)] = 1
+        else:
+            positions = torch.arange(sequences.shape[1], device=sequences.device)
+            attention_mask |= (positions < prefix_lengths.to(sequences.device)[:, None]).long()
         logits = self.token_logits(model, image_features, sequences, attention_mask)[:, :-1]
         token_log_probs = torch.log_softmax(logits.float() / temperature, dim=-1).gather(2, sequences[:, 1:, None]).squeeze(2)
         return (token_log_probs * counted).sum(dim=1), counted.sum(dim=1)

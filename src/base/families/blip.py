@@ -63,7 +63,7 @@ class Blip(Family):
 
     def _decode_from_prefix(self, model, image_features, **settings):
         """The text decoder's generate() from `prefix`, as BlipForConditionalGeneration.generate() calls it."""
-        start = torch.tensor([self.prefix], device=image_features.device).expand(image_features.shape[0], -1)
+        start = self.first_tokens(image_features.shape[0], image_features.device)
         return core_model(model).text_decoder.generate(
             input_ids=start, eos_token_id=self.end_id, pad_token_id=self.pad_id, encoder_hidden_states=image_features,
             encoder_attention_mask=torch.ones(image_features.shape[:2], dtype=torch.long, device=image_features.device),

@@ -55,9 +55,10 @@ class Blip2(Family):
         pad = self.config.text_config.pad_token_id
         return pad if pad is not None else self.tokenizer.pad_token_id
 
-    def training_sequences(self, captions, max_tokens):
+    def training_sequences(self, captions, max_tokens, prefix=None):
         # after a prompt, a caption's first word is a word inside the text (" a", BPE's "Ġa"), as generated there
-        return super().training_sequences([" " + c.strip() if self.prompt else c for c in captions], max_tokens)
+        return super().training_sequences([" " + c.strip() if self.prompt else c for c in captions], max_tokens,
+                                          prefix)
 
     @property
     def never_generated(self):
@@ -103,7 +104,7 @@ class Blip2(Family):
         """The language model's generate() from [queries ; prefix], as Blip2ForConditionalGeneration.generate() runs
         it, with the images encoded here (no <image> placeholders needed: older checkpoints' configs have none)."""
         features = self.encode_images(model, pixel_values)
-        start = torch.tensor([self.prefix], device=features.device).expand(features.shape[0], -1)
+        start = self.first_tokens(features.shape[0], features.device)
         embeds, mask = self._inputs(model, features, start, torch.ones_like(start))
         new = core_model(model).language_model.generate(
             inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams, max_new_tokens=max_new_tokens,

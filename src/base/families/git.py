@@ -79,7 +79,7 @@ class Git(Family):
 
     @torch.no_grad()
     def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, **decoding):
-        start = torch.tensor([self.prefix], device=pixel_values.device).expand(pixel_values.shape[0], -1)
+        start = self.first_tokens(pixel_values.shape[0], pixel_values.device)
         return core_model(model).generate(
             pixel_values=pixel_values, input_ids=start, attention_mask=torch.ones_like(start), num_beams=num_beams,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
