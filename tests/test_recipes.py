@@ -107,3 +107,13 @@ def test_train_modules_flag_chooses_the_parts_and_the_engine_refuses_unknown_or_
     blip_text_only, _ = _config(FT, tiny_blip, "--train-modules", "text")
     model = build(blip_text_only, load_family(str(tiny_blip)))
     assert {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad} == {"text_decoder"}
+
+
+def test_the_demos_git_stage_takes_gits_recipe():
+    """scripts/demo.sh gives its GIT run only the run's size and the tiny model's rate: decoding, prompt, smoothing and
+    warm-up are GIT's own (through the family's recipe)."""
+    script = (REPO / "scripts" / "demo.sh").read_text().replace("\\\n", " ")
+    command = next(line for line in script.splitlines() if "tiny-git" in line and "src.ft.train" in line)
+    recipe_flags = {"--" + key.replace("_", "-") for key in Git.recipe} | {"--warmup-ratio", "--lr-schedule"}
+    given = set(command.split())
+    assert not given & recipe_flags and "QUICK" not in command, command
