@@ -28,14 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.make_demo_assets import make_tiny_blip, make_tiny_blip2, make_tiny_git  # noqa: E402
 from scripts.synthetic_sets import make_set, texts  # noqa: E402
 from src.base.cli import ArgumentParser  # noqa: E402
-from src.base.families import Blip  # noqa: E402
+from src.base.families import Blip, Family  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LR = {"ft": "1e-3", "peft": "1e-2"}  # the tiny models' rates (the demo's), the same for every arm of a method
-# BLIP's recipe as flags for another family, its learning rate aside (see above)
+# BLIP's recipe as flags for another family, its learning rate aside (see above): BLIP's values, and this project's
+# where BLIP's authors give none
 BLIP_RECIPE = [arg for key in ("prompt", "label_smoothing", "warmup_ratio", "lr_schedule", "weight_decay", "num_beams",
                                "max_new_tokens", "min_new_tokens", "length_penalty")
-               for arg in ("--" + key.replace("_", "-"), str(Blip.recipe[key]))]
+               for arg in ("--" + key.replace("_", "-"), str({**Family.recipe, **Blip.recipe}[key]))]
 MAKERS = {"BLIP": make_tiny_blip, "GIT": make_tiny_git, "BLIP-2": make_tiny_blip2}
 # (family, arm, method, flags)
 ARMS = [
@@ -50,7 +51,7 @@ ARMS = [
 
 def run(method, data, checkpoint, out, steps, flags):
     """One training run; returns (best validation CIDEr-D, its step, trainable parameters, minutes)."""
-    every = max(1, steps // 6)
+    every = max(1, steps // 3)
     command = [sys.executable, "-m", f"src.{method}.train", "--data-dir", data, "--checkpoint", checkpoint,
                "--output-dir", out, "--lr", TINY_LR[method], "--max-steps", steps, "--eval-every", every,
                "--batch-size", 8, "--num-workers", 0, "--eval-batch-size", 64, "--fresh", *flags]
