@@ -3,7 +3,8 @@ read the image, and a projection of the queries' outputs into an OPT language mo
 before the caption's tokens (transformers writes them into `<image>` placeholder tokens at the start of
 input_ids; the placeholders only mark where: the language model sees [projected queries ; text embeddings]).
 
-Too large to train every weight on one GPU (3.9B parameters): src.peft only (LoRA on OPT's attention by default).
+Too large to train every weight on one GPU (3.7B parameters): src.ft trains the parts its authors fine-tune (the
+Q-Former and the projection, OPT frozen: `recipe` below), src.peft LoRA adapters on OPT's attention.
 
 Tokens are OPT's (GPT-2 byte-level BPE): a caption starts with `</s>` (text_config.bos_token_id, 2, which OPT's
 tokenizer prepends) and ends with what generation stops at, text_config.eos_token_id: 50118, the newline, in
