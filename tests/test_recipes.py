@@ -99,8 +99,10 @@ def test_train_modules_flag_chooses_the_parts_and_the_engine_refuses_unknown_or_
     assert parts == {"qformer", "query_tokens", "language_projection", "vision_model"}
     assert all(p.requires_grad for name, p in model.named_parameters() if name.startswith("vision_model."))
     assert not any(p.requires_grad for name, p in model.named_parameters() if name.startswith("language_model."))
-    for flags, words in [(["--train-modules", "all"], "src.peft"), (["--train-modules", "qformr"], "qformer")]:
-        result = run_module("src.ft.train", "--data-dir", demo_data, "--checkpoint", tiny_blip2, "--output-dir",
+    for module, flags, words in [("src.ft.train", ["--train-modules", "all"], "src.peft"),
+                                 ("src.ft.train", ["--train-modules", "qformr"], "qformer"),
+                                 ("src.peft.train", ["--train-modules", "qformer"], "src.ft.train")]:
+        result = run_module(module, "--data-dir", demo_data, "--checkpoint", tiny_blip2, "--output-dir",
                             tmp_path / flags[1], *FAST, "--max-steps", "1", *flags, check=False)
         message = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(message) == 1 and words in message[0], result.stderr
