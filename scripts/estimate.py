@@ -59,7 +59,7 @@ SUGGESTED = ("epochs", "max_steps", "eval_every", "val_max_images")  # the setti
 # settings that change the cost of a step or of a validation image: a profile holds for its own values only
 PROFILE_BOUND = ("checkpoint", "batch_size", "precision", "objective", "grad_accum", "grad_checkpointing", "compile",
                  "scst_samples", "scst_baseline", "max_caption_tokens", "num_workers", "eval_batch_size", "num_beams",
-                 "max_new_tokens", "min_new_tokens", "val_meteor", "lora_r", "lora_targets")
+                 "max_new_tokens", "min_new_tokens", "val_meteor", "lora_r", "lora_targets", "train_modules")
 
 
 @dataclass

@@ -173,16 +173,16 @@ def make_tiny_blip(out_dir, image_size=32, seed=0, texts=None):
     return out_dir
 
 
-def make_tiny_git(out_dir, image_size=32, seed=0):
+def make_tiny_git(out_dir, image_size=32, seed=0, texts=None):
     """A randomly initialised GIT captioner (microsoft/git-*'s architecture and processor) at toy size, saved like a
-    hub checkpoint. Its tokenizer is a BERT tokenizer over the demo's vocabulary, with [CLS] and [SEP] starting and
-    ending captions as bert-base-uncased's do in the real checkpoints."""
+    hub checkpoint. Its tokenizer is a BERT tokenizer over the words of `texts` (default: the demo's), with [CLS] and
+    [SEP] starting and ending captions as bert-base-uncased's do in the real checkpoints."""
     import torch
     from transformers import BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + vocabulary()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + vocabulary(texts)
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
     # as the real checkpoints' processor: shorter side to image_size, then the centre square
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
@@ -220,7 +220,7 @@ def opt_style_tokenizer(texts, vocab_size=600):
                              pad_token="<pad>", add_prefix_space=False)
 
 
-def make_tiny_blip2(out_dir, image_size=32, seed=0):
+def make_tiny_blip2(out_dir, image_size=32, seed=0, texts=None):
     """A randomly initialised BLIP-2 captioner (Salesforce/blip2-opt-*'s architecture: ViT, Q-Former, OPT) at toy
     size, saved like a hub checkpoint. Its tokenizer is byte-level BPE as OPT's (GPT-2 style, trained here on the
     demo's texts), with OPT's special tokens at OPT's ids (<s> 0, <pad> 1, </s> 2, <unk> 3): </s> starts a caption,
@@ -230,8 +230,9 @@ def make_tiny_blip2(out_dir, image_size=32, seed=0):
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    texts = [t.format(c=c, s=s, b=b) for t in TEMPLATES + PRETRAIN_TEMPLATES for c in COLORS for s in SHAPES
-             for b in BACKGROUNDS] + REJECTED + [PRECANNED, "\n"]
+    texts = texts or [t.format(c=c, s=s, b=b) for t in TEMPLATES + PRETRAIN_TEMPLATES for c in COLORS for s in SHAPES
+                      for b in BACKGROUNDS]  # the words of `texts` (default: the demo's) shape its tokenizer
+    texts = texts + REJECTED + [PRECANNED, "\n"]
     tokenizer = opt_style_tokenizer(texts)
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     num_query_tokens = 4

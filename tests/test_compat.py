@@ -24,6 +24,7 @@ from src.base.config import resolve, training_parser
 from src.base.data import ImageTransform, load_image
 from src.base.families import load_captioner, load_family
 from src.base.lora import add_lora, load_lora
+from src.base.modeling import train_only
 from src.ft.method import METHOD as FT
 
 # --no-deps: the rest of what they need (torch, numpy, safetensors, accelerate, ...) is this environment's
@@ -117,13 +118,54 @@ def saved(tmp_path_factory, tiny_blip):
             "logits": {name: _logits(model, inputs) for name, model in models.items()}}
 
 
+def _family_inputs(family):
+    """pixel_values of the photo and the token ids of a caption as `family` trains on it."""
+    pixel_values = ImageTransform(family.processor.image_processor, use_draft=False)(load_image(PHOTO))[None]
+    return {"pixel_values": pixel_values,
+            "input_ids": torch.tensor(family.training_sequences([CAPTION], 40))}
+
+
+@torch.no_grad()
+def _text_logits(family, model, inputs):
+    """The logits at the caption's positions, as this project computes them for training."""
+    features = family.encode_images(model, inputs["pixel_values"])
+    return family.token_logits(model, features, inputs["input_ids"], torch.ones_like(inputs["input_ids"]))
+
+
 @pytest.fixture(scope="module")
-def old_results(old_env, saved):
+def saved_families(tmp_path_factory, tiny_git, tiny_blip2):
+    """best_model/ of GIT (the whole model, as src.ft saves it) and of BLIP-2 (its recipe's trained modules, the
+    Q-Former and projection changed from the base's), their inputs and the logits they give here."""
+    root = tmp_path_factory.mktemp("compat-families")
+    dirs, logits, inputs_files = {}, {}, {}
+    for name, checkpoint, modules in (("git", tiny_git, None), ("blip2", tiny_blip2, "qformer,projection")):
+        family, model = load_family(str(checkpoint)), load_captioner(str(checkpoint)).eval()
+        if modules:
+            train_only(model, family.module_prefixes(modules))
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    if parameter.requires_grad:
+                        parameter.add_(torch.randn_like(parameter) * 0.1)
+        save_best_model(root / name, model, family, str(checkpoint))
+        dirs[name] = root / name / "best_model"
+        inputs = _family_inputs(family)
+        inputs_files[name] = root / f"{name}-inputs.safetensors"
+        save_file(inputs, inputs_files[name])
+        logits[name] = _text_logits(family, model, inputs)
+        logits[f"{name}.base"] = _text_logits(family, load_captioner(str(checkpoint)).eval(), inputs)
+    return {"dirs": dirs, "logits": logits, "inputs": inputs_files}
+
+
+@pytest.fixture(scope="module")
+def old_results(old_env, saved, saved_families):
     """What transformers 4.40 / peft 0.11 load from each best_model/ and compute: (outputs, report)."""
     out = saved["root"] / "old-env"
     out.mkdir()
     jobs = {"inputs": str(saved["root"] / "inputs.safetensors"), "image": str(saved["root"] / "photo.png"),
             "models": {name: str(path) for name, path in saved["dirs"].items()},
+            "families": {name: [str(path), str(saved_families["inputs"][name])]
+                         for name, path in saved_families["dirs"].items()},
             "processor": str(saved["dirs"]["full"]), "text": CAPTION}
     (out / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": str(old_env), "PYTHONNOUSERSITE": "1", "HF_HUB_CACHE": str(saved["hub"]),
@@ -159,6 +201,27 @@ def test_lora_adapter_loads_in_old_peft_over_its_base_with_the_same_logits(saved
     assert (saved["logits"][name] - saved["logits"]["full"]).abs().max() > 0.05  # the adapter matters
     difference = (outputs[f"{name}.logits"] - saved["logits"][name]).abs().max()
     assert difference < 1e-4, float(difference)
+
+
+@pytest.mark.parametrize("name", ["git", "blip2"])
+def test_git_and_blip2_best_models_load_in_transformers_4_with_the_same_logits(saved_families, old_results, name):
+    """GIT's whole model, and BLIP-2's trained modules over their base (loaded as docs/families.md says)."""
+    outputs, report = old_results
+    assert report["models"][name]["missing_keys"] == []
+    assert report["models"][name].get("unexpected_keys", []) == []
+    if name == "blip2":  # only the trained modules were saved, and they matter
+        assert not (saved_families["dirs"][name] / "model.safetensors").exists()
+        assert (saved_families["logits"][name] - saved_families["logits"]["blip2.base"]).abs().max() > 0.01
+    difference = (outputs[f"{name}.logits"] - saved_families["logits"][name]).abs().max()
+    assert difference < 1e-4, float(difference)
+
+
+def test_git_and_blip2_best_models_load_here_with_identical_logits(saved_families):
+    for name in ("git", "blip2"):
+        family = load_family(str(saved_families["dirs"][name]))
+        model = FT.load_best(str(saved_families["dirs"][name])).eval()
+        inputs = load_file(saved_families["inputs"][name])
+        assert torch.equal(_text_logits(family, model, inputs), saved_families["logits"][name])
 
 
 def test_processor_loads_in_transformers_4_with_the_same_outputs(saved, old_results):

@@ -38,19 +38,22 @@ def test_a_malformed_environment_variable_is_one_line_and_status_2():
     assert result.stderr == "error: environment variable BATCH_SIZE='lots' is not a valid int\n"
 
 
-def test_scst_defaults_to_a_constant_quarter_of_the_methods_rate_and_flags_still_win():
-    from src.base import constants as C
+def test_scst_defaults_to_a_constant_quarter_of_the_methods_rate_and_flags_still_win(tiny_blip):
     from src.base.config import resolve, training_parser
+    from src.base.families import apply_recipe
     from src.ft.method import METHOD as FT
     from src.peft.method import METHOD as PEFT
 
     def config(method, *flags):
-        return resolve(method, training_parser("x").parse_args(list(flags)))
+        resolved = resolve(method, training_parser("x").parse_args(["--checkpoint", str(tiny_blip), *flags]))
+        apply_recipe(resolved, method, str(tiny_blip))
+        return resolved
 
-    for method in (FT, PEFT):
+    # the cross-entropy rate and schedule are the family's recipe now (BLIP: LAVIS's; LoRA: this project's)
+    for method, lr in ((FT, 1e-5), (PEFT, 2e-4)):
         xe, scst = config(method), config(method, "--objective", "scst")
-        assert (xe.lr, xe.lr_schedule, xe.warmup_ratio) == (method.default_lr, C.LR_SCHEDULE, C.WARMUP_RATIO)
-        assert (scst.lr, scst.lr_schedule, scst.warmup_ratio) == (method.default_lr * 0.25, "constant", 0.0)
+        assert (xe.lr, xe.lr_schedule, xe.warmup_ratio) == (lr, "cosine", 0.0)
+        assert (scst.lr, scst.lr_schedule, scst.warmup_ratio) == (lr * 0.25, "constant", 0.0)
     given = config(FT, "--objective", "scst", "--lr", "1e-6", "--lr-schedule", "cosine", "--warmup-ratio", "0.1")
     assert (given.lr, given.lr_schedule, given.warmup_ratio) == (1e-6, "cosine", 0.1)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .families import base_checkpoint
 from .helpers import UserError, fsync_dir, recover_dir, replace_dir_atomic, rng_state, set_rng_state, write_json_atomic
-from .modeling import core_model, first_line
+from .modeling import TRAINED_CONFIG, TRAINED_WEIGHTS, core_model, first_line, is_trained_modules
 
 STATE_DIR = "state"
 BEST_DIR = "best_model"
@@ -176,8 +176,9 @@ OLD_PEFT_LORA_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "r
                       "layer_replication"}
 
 
-def save_best_model(output_dir, model, family):
-    """Write `best_model/` (full model, or the LoRA adapter) with its family's processor, atomically.
+def save_best_model(output_dir, model, family, checkpoint=None):
+    """Write `best_model/` (full model, the LoRA adapter, or the parts that train over `checkpoint`, the run's starting
+    checkpoint) with its family's processor, atomically.
 
     Others load it with other library versions (a grader on transformers 4.x, older peft), so it is written
     the way those read it too: with the weights 4.x does not tie (`family.legacy_weights`), an adapter config
@@ -186,13 +187,29 @@ def save_best_model(output_dir, model, family):
     processor = family.processor
 
     def write(tmp):
-        if model is core_model(model):
-            model.save_pretrained(tmp, state_dict={**model.state_dict(), **family.legacy_weights(model)})
-        else:
+        if model is not core_model(model):
             model.save_pretrained(tmp)
             _drop_new_default_lora_keys(tmp / "adapter_config.json")
+        elif all(p.requires_grad for p in model.parameters()):
+            model.save_pretrained(tmp, state_dict={**model.state_dict(), **family.legacy_weights(model)})
+        else:
+            _save_trained_modules(model, checkpoint, tmp)
         _save_processor(processor, tmp)
     _write_dir_atomic(Path(output_dir) / BEST_DIR, write)
+
+
+def _save_trained_modules(model, checkpoint, directory):
+    """The weights that train (and those a starting checkpoint of trained modules changed), named as in the whole
+    model, and the base checkpoint that holds the rest: a BLIP-2 run's few hundred MB, not the 3.9B weights."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    if is_trained_modules(checkpoint):
+        names |= set(load_file(Path(checkpoint) / TRAINED_WEIGHTS))
+    weights = model.state_dict()
+    save_file({name: weights[name].detach().contiguous() for name in sorted(names)}, directory / TRAINED_WEIGHTS,
+              metadata={"format": "pt"})
+    write_json_atomic(directory / TRAINED_CONFIG, {
+        "base_model_name_or_path": base_checkpoint(checkpoint), "model_type": model.config.model_type,
+        "weights": len(names), "parameters": sum(weights[name].numel() for name in names)})
 
 
 def _drop_new_default_lora_keys(config_file):
@@ -292,7 +309,7 @@ def _fingerprint(checkpoint):
     for file in _weight_files(directory):
         with open(file, "rb") as f:
             digest.update(f"{file.name} {hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
-    if (directory / "adapter_config.json").is_file():
+    if (directory / "adapter_config.json").is_file() or (directory / TRAINED_CONFIG).is_file():
         digest.update(f"base {_fingerprint(base_checkpoint(directory))}\n".encode())
     return digest.hexdigest()
 

@@ -65,6 +65,7 @@ class RunConfig:
     exact_preprocessing: bool = False
     tf32: bool = False
     mbr: int = 0  # test only: candidates per image for consensus decoding (0 = beam search); training ignores it
+    train_modules: str = None  # src.ft: the parts that train ("all": every weight); src.peft: parts trained besides LoRA
     job: str = None  # the batch job that started the run (jobs.current_job()): its requeues resume, even with --fresh
 
     def save(self):
@@ -72,7 +73,8 @@ class RunConfig:
 
 
 def defaults(method):
-    """The run configuration from src/base/constants.py alone."""
+    """The run configuration from src/base/constants.py alone; the RECIPE settings no constant sets are None (the
+    family's recipe fills them once the checkpoint's family is known: apply_recipe)."""
     return dict(
         method=method.name, data_dir=C.DATA_DIR, output_dir=str(Path(C.RESULTS_DIR) / method.name),
         checkpoint=method.default_checkpoint, epochs=C.EPOCHS, max_steps=C.MAX_STEPS, batch_size=C.BATCH_SIZE,
@@ -87,7 +89,7 @@ def defaults(method):
         scst_baseline=C.SCST_BASELINE, label_smoothing=C.LABEL_SMOOTHING, prompt=C.PROMPT,
         ocr=C.OCR, ocr_min_confidence=C.OCR_MIN_CONFIDENCE, ocr_max_tokens=C.OCR_MAX_TOKENS,
         eval_at_start=C.EVAL_AT_START, length_penalty=C.LENGTH_PENALTY, repetition_penalty=C.REPETITION_PENALTY,
-        exact_preprocessing=C.EXACT_PREPROCESSING, tf32=C.TF32,
+        exact_preprocessing=C.EXACT_PREPROCESSING, tf32=C.TF32, train_modules=C.TRAIN_MODULES,
     )
 
 
@@ -162,12 +164,45 @@ def resolve(method, args, saved=None, resuming=False):
         given = {k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}
     elif given.get("objective") == "scst" and not saved:
         # warm-up and decay are cross-entropy habits; self-critical.pytorch trains SCST at a small constant rate
-        values.update(lr=method.default_lr * C.SCST_LR_FRACTION, lr_schedule="constant", warmup_ratio=0.0)
+        # (a fraction of the method's rate: of the family's, in apply_recipe, when no constant sets it)
+        values.update(lr=method.default_lr and method.default_lr * C.SCST_LR_FRACTION, lr_schedule="constant",
+                      warmup_ratio=0.0)
     values.update(given)
     values = {k: _absolute(k, v) for k, v in values.items()}
     config = RunConfig(**values)
     _check(config)
     return config
+
+
+# The settings a family's fine-tuning recipe gives when no flag, environment variable or constant does
+# (families/base.py, Family.recipe). Precedence: flag > environment variable or constant > family recipe > this
+# project's default (Family.recipe in families/base.py, for what a family's authors do not publish).
+RECIPE = ("lr", "lr_schedule", "warmup_ratio", "weight_decay", "label_smoothing", "prompt", "num_beams",
+          "max_new_tokens", "min_new_tokens", "length_penalty", "train_modules")
+
+
+def apply_recipe(config, method, family, model_config):
+    """Fill the RECIPE settings `config` leaves open (None) from `family`'s recipe for the checkpoint with
+    `model_config`; the caller saves `config` with them, so a resumed or tested run reads the same values. Returns
+    the log lines that say where each setting came from."""
+    by_source, kept = {}, []
+    for field in RECIPE:
+        if getattr(config, field) is not None:
+            kept.append(_as_flag(field, getattr(config, field)))
+            continue
+        value, source = family.recipe_value(method.recipe_keys.get(field, field), model_config)
+        if field == "lr" and config.objective == "scst":  # SCST: a fraction of the cross-entropy rate
+            value *= C.SCST_LR_FRACTION
+        setattr(config, field, value)
+        by_source.setdefault(source, []).append(_as_flag(field, value))
+    _check(config)
+    if not by_source:
+        return []
+    lines = [f"{family.name} defaults from {source}: {', '.join(flags)}"
+             for source, flags in by_source.items()]
+    if kept:
+        lines.append(f"settings from flags, environment variables or src/base/constants.py: {', '.join(kept)}")
+    return lines
 
 
 def resume_notes(config, saved, args):
@@ -207,16 +242,17 @@ def _as_value(key, value):
 
 
 def _check(config):
+    """Refuse settings that make no sense; the RECIPE settings still open (None) are checked once filled."""
     positive = ["batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "max_caption_tokens", "lora_r",
                 "grad_accum", "scst_samples"]
     for name in positive:
-        if getattr(config, name) <= 0:
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.max_caption_tokens < 3:
         raise UserError("--max-caption-tokens must be at least 3 (start token, one word, end token)")
     if config.max_steps <= 0 and config.epochs <= 0:
         raise UserError("give --epochs or --max-steps greater than 0")
-    if not 0.0 <= config.label_smoothing < 1.0:
+    if config.label_smoothing is not None and not 0.0 <= config.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.repetition_penalty <= 0:
         raise UserError(f"--repetition-penalty must be positive, got {config.repetition_penalty}")
@@ -224,7 +260,7 @@ def _check(config):
         raise UserError(f"--ocr-min-confidence must be in [0, 1], got {config.ocr_min_confidence}")
     if config.ocr_max_tokens < 1:
         raise UserError(f"--ocr-max-tokens must be positive, got {config.ocr_max_tokens}")
-    if config.lr <= 0:
+    if config.lr is not None and config.lr <= 0:
         raise UserError(f"--lr must be positive, got {config.lr}")
     if config.save_every_minutes <= 0:
         raise UserError(f"--save-every-minutes must be positive, got {config.save_every_minutes}")
@@ -258,9 +294,11 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
     p.add_argument("--scst-baseline", choices=["mean", "greedy"],
                    help="SCST reward baseline: mean of the image's other samples (default) or its greedy caption")
     p.add_argument("--label-smoothing", type=float,
-                   help="cross-entropy label smoothing (default 0.1, as BLIP's own captioning loss; 0 = off)")
-    p.add_argument("--prompt", help="text every caption starts from, e.g. 'a picture of' (BLIP's fine-tuning prompt): "
-                                    "trained on but not scored, generated from, stripped from written captions")
+                   help="cross-entropy label smoothing (default: the family's recipe, 0.1 for BLIP and GIT, 0 for "
+                        "BLIP-2; 0 = off)")
+    p.add_argument("--prompt", help="text every caption starts from (default: the family's recipe, BLIP 'a picture "
+                                    "of', BLIP-2 'a photo of', GIT none; '' = none): trained on but not scored, "
+                                    "generated from, stripped from written captions")
     p.add_argument("--ocr", action=argparse.BooleanOptionalAction,
                    help="put each image's OCR words (from <data-dir>/ocr/<split>.json: python scripts/ocr.py) in its "
                         "caption's prefix, before the prompt: read, never trained to be written, never in a caption")
@@ -324,4 +362,8 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
     p.add_argument("--lora-alpha", type=int, help="LoRA alpha (src.peft)")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (src.peft)")
     p.add_argument("--lora-targets", help="comma-separated module names for LoRA (src.peft), e.g. query,value")
+    p.add_argument("--train-modules",
+                   help="comma-separated parts of the model that train (src.ft; 'all' = every weight) or train fully "
+                        "besides the LoRA adapters (src.peft; 'none'), e.g. qformer,projection,vision for BLIP-2; "
+                        "default: the family's recipe (docs/families.md)")
     return p

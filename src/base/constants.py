@@ -9,21 +9,23 @@ import sys
 from pathlib import Path
 
 
-def _env(name, default):
-    """The environment variable `name` if set, cast to the type of `default`."""
+def _env(name, default, kind=None):
+    """The environment variable `name` if set, cast to the type of `default` (`kind` where the default is None)."""
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    kind = kind or type(default)
+    # unset or empty: the default; but PROMPT= (a text left to the family when None) means "no prompt"
+    if raw is None or (raw == "" and not (default is None and kind is str)):
         return default
-    if isinstance(default, bool):
+    if kind is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         _bad_env(f"environment variable {name}={raw!r} is not a boolean (use 1/0, true/false)")
     try:
-        return type(default)(raw)
+        return kind(raw)
     except ValueError:
-        _bad_env(f"environment variable {name}={raw!r} is not a valid {type(default).__name__}")
+        _bad_env(f"environment variable {name}={raw!r} is not a valid {kind.__name__}")
 
 
 def _bad_env(message):
@@ -66,14 +68,17 @@ NUM_WORKERS = _env("NUM_WORKERS", -1)            # DataLoader workers; -1 = from
 EXACT_PREPROCESSING = _env("EXACT_PREPROCESSING", False)  # decode JPEGs at full size: pixels equal BlipImageProcessor's
 
 # ---- optimisation ----------------------------------------------------------
+# A setting that is None here takes its value from the family's fine-tuning recipe (src/base/families/*.py, its
+# authors' values where they publish them; docs/families.md has the table). Set it here, or in the environment, to
+# use one value for every family; a command-line flag overrides both.
 EPOCHS = _env("EPOCHS", 5)
 MAX_STEPS = _env("MAX_STEPS", 0)                 # > 0 overrides EPOCHS
 BATCH_SIZE = _env("BATCH_SIZE", 16)              # images per batch; each brings all its kept captions
-FT_LR = _env("FT_LR", 2e-5)
-PEFT_LR = _env("PEFT_LR", 2e-4)
-WEIGHT_DECAY = _env("WEIGHT_DECAY", 0.05)
-WARMUP_RATIO = _env("WARMUP_RATIO", 0.05)        # fraction of all steps spent warming up
-LR_SCHEDULE = _env("LR_SCHEDULE", "cosine")      # any transformers.get_scheduler name
+FT_LR = _env("FT_LR", None, float)              # src.ft's rate (family recipe: BLIP-base 1e-5)
+PEFT_LR = _env("PEFT_LR", None, float)          # src.peft's rate (family recipe: 2e-4)
+WEIGHT_DECAY = _env("WEIGHT_DECAY", None, float)
+WARMUP_RATIO = _env("WARMUP_RATIO", None, float)  # fraction of all steps spent warming up
+LR_SCHEDULE = _env("LR_SCHEDULE", None, str)     # any transformers.get_scheduler name
 MAX_GRAD_NORM = _env("MAX_GRAD_NORM", 1.0)
 PRECISION = _env("PRECISION", "auto")            # auto | fp32 | bf16 | bf16-weights | fp16 (src/base/precision.py)
 TF32 = _env("TF32", False)                       # TF32 matmuls under fp32 too (bf16/fp16 runs use them anyway)
@@ -83,8 +88,8 @@ BLIP2_8BIT = _env("BLIP2_8BIT", False)           # BLIP-2 on a GPU: language mod
 COMPILE = _env("COMPILE", False)                 # torch.compile the training forward
 COMPILE_BACKEND = _env("COMPILE_BACKEND", "inductor")
 SEED = _env("SEED", 42)
-LABEL_SMOOTHING = _env("LABEL_SMOOTHING", 0.1)   # BLIP's own captioning loss uses 0.1
-PROMPT = _env("PROMPT", "")                      # e.g. "a picture of" (BLIP's fine-tuning prompt); "" = none
+LABEL_SMOOTHING = _env("LABEL_SMOOTHING", None, float)  # BLIP's and GIT's authors: 0.1; BLIP-2's: 0
+PROMPT = _env("PROMPT", None, str)               # BLIP: "a picture of", BLIP-2: "a photo of"; "" = none
 OCR = _env("OCR", False)                         # OCR words in the caption prefix (scripts/ocr.py first; docs/ocr.md)
 OCR_MIN_CONFIDENCE = _env("OCR_MIN_CONFIDENCE", 0.5)  # --ocr: text boxes read with less confidence are left out
 OCR_MAX_TOKENS = _env("OCR_MAX_TOKENS", 12)      # --ocr: at most this many tokens of OCR words per image
@@ -100,6 +105,8 @@ SCST_BASELINE = _env("SCST_BASELINE", "mean")    # mean: of the image's other sa
 LORA_R = _env("LORA_R", 8)
 LORA_ALPHA = _env("LORA_ALPHA", 32)
 LORA_DROPOUT = _env("LORA_DROPOUT", 0.1)
+# which parts train besides LoRA (src.peft) or at all (src.ft), e.g. "qformer,projection"; None = the family's recipe
+TRAIN_MODULES = _env("TRAIN_MODULES", None, str)
 LORA_TARGETS = _env("LORA_TARGETS", "")          # comma-separated module names; "" = the family's default (BLIP: query,value)
 
 # ---- evaluation and checkpoints ----------------------------------------------
@@ -114,10 +121,10 @@ TIME_LIMIT_MIN_MARGIN = _env("TIME_LIMIT_MIN_MARGIN", 60.0)   # ... and never le
 MAX_NONFINITE_IN_A_ROW = _env("MAX_NONFINITE_IN_A_ROW", 5)  # NaN/inf losses tolerated in a row before stopping
 STRICT = _env("STRICT", False)                   # stop on an unreadable image instead of skipping it
 EVAL_BATCH_SIZE = _env("EVAL_BATCH_SIZE", 64)
-NUM_BEAMS = _env("NUM_BEAMS", 3)
-MAX_NEW_TOKENS = _env("MAX_NEW_TOKENS", 30)
-MIN_NEW_TOKENS = _env("MIN_NEW_TOKENS", 5)
-LENGTH_PENALTY = _env("LENGTH_PENALTY", 1.0)     # beam search length penalty (test --tune-decoding chooses one)
+NUM_BEAMS = _env("NUM_BEAMS", None, int)
+MAX_NEW_TOKENS = _env("MAX_NEW_TOKENS", None, int)
+MIN_NEW_TOKENS = _env("MIN_NEW_TOKENS", None, int)
+LENGTH_PENALTY = _env("LENGTH_PENALTY", None, float)  # beam search length penalty (test --tune-decoding chooses one)
 REPETITION_PENALTY = _env("REPETITION_PENALTY", 1.0)
 MBR_TEMPERATURE = _env("MBR_TEMPERATURE", 0.7)   # test --mbr: candidates beyond the beams are sampled at this temperature
 MBR_CHOOSE_FROM = _env("MBR_CHOOSE_FROM", "beams")  # beams: samples vote, only beams are written; all: any candidate

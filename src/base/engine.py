@@ -9,7 +9,7 @@ import math
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,7 @@ from .data import (CaptionCollator, CaptionTrainingSet, EpochBatchSampler, Image
                    collate_images, default_num_workers, load_split, make_loader, training_records, with_captions)
 from .distributed import Processes
 from .evaluate import format_scores, score_captions
-from .families import load_family
+from .families import apply_recipe, load_family
 from .helpers import UserError, log, process_seed, rng_state, seed_everything
 from .jobs import RunLock, StopSignals, current_job
 from .modeling import enable_activation_checkpointing, parameter_summary, to_device
@@ -47,6 +47,7 @@ class Method:
     default_lr: float
     build: Callable                # (RunConfig, Family) -> trainable model, from config.checkpoint
     load_best: Callable            # best_model directory -> model for captioning
+    recipe_keys: dict = field(default_factory=dict)  # RunConfig field -> its key in Family.recipe, where they differ
 
 
 # ---------------------------------------------------------------- devices and precision
@@ -295,11 +296,14 @@ class Trainer:
         self.val_records = _load_records(config, "val")
         if config.val_max_images > 0:
             self.val_records = self.val_records[: config.val_max_images]
+        recipe = apply_recipe(config, method, config.checkpoint)  # before the family: the prompt is one of them
         self.family = load_family(config.checkpoint, config.prompt)
         self.processor = self.family.processor
         objective = "self-critical training" if config.objective == "scst" else "cross-entropy training"
         log.info(describe_run(f"src.{method.name}.train: {method.title}, {objective}", config.checkpoint, config,
                               self.family, self.device, self.precision, self.processes.world))
+        for line in recipe:
+            log.info(line)
         self.model = to_device(method.build(config, self.family), self.device)
         if config.grad_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -562,7 +566,7 @@ class Trainer:
     def _save_best(self, predictions, per_image):
         try:
             with full_precision(self.master):  # bf16-weights: written from the fp32 copies, an fp32 model
-                save_best_model(self.output_dir, self.model, self.family)
+                save_best_model(self.output_dir, self.model, self.family, self.config.checkpoint)
         except OSError as error:
             log.error(f"could not save {self.output_dir / 'best_model'} ({error}); the previous best model is kept "
                       f"and the next validation tries again")

@@ -15,7 +15,7 @@ from .engine import EXIT_STOPPED, Interrupted, Trainer, caption_in_shares, descr
 from .evaluate import format_scores, score_captions
 from .helpers import UserError, exit_on_user_error, log, seed_everything, setup_logging, write_json_atomic
 from .jobs import StopSignals, current_job, is_requeue_of
-from .families import load_family
+from .families import apply_recipe, load_family
 from .modeling import to_device
 from .precision import captioning_weights, describe_weights, resolve_precision, set_tf32
 from .profiling import find_batch_size
@@ -174,9 +174,12 @@ def _test(method, argv, stop):
     device = processes.device
     precision = resolve_precision(config.precision, device)
     set_tf32(precision, config.tf32, device)
+    recipe = apply_recipe(config, method, checkpoint)  # a run's saved config has them all; a bare checkpoint not
     family = load_family(checkpoint, config.prompt)
     log.info(describe_run(f"src.{method.name}.test: captioning the {args.split} split", checkpoint, config, family,
                           device, precision, processes.world))
+    for line in recipe:
+        log.info(line)
     model = captioning_weights(to_device(method.load_best(checkpoint), device), precision)
     log.info(describe_weights(model, precision))
     if not args.tune_decoding:  # after loading: a hub checkpoint's files are in the cache then

@@ -65,6 +65,42 @@ def check_weight_files(directory):
                             f"copy it back from a backup, train it again, or use another --checkpoint")
 
 
+# best_model/ of a run that trained only some parts of a model (src.ft --train-modules): those parts' weights, named as
+# in the whole model, and a JSON file naming the checkpoint that holds the rest (docs/families.md shows how to load it
+# with transformers alone).
+TRAINED_CONFIG = "trained_modules.json"
+TRAINED_WEIGHTS = "trained_modules.safetensors"
+
+
+def is_trained_modules(checkpoint):
+    """Whether `checkpoint` is a directory holding only the trained parts of a model (TRAINED_CONFIG)."""
+    return (Path(checkpoint) / TRAINED_CONFIG).is_file()
+
+
+def train_only(model, prefixes):
+    """Train the parameters whose names (in the transformers model) start with one of `prefixes`; freeze the rest."""
+    for name, parameter in core_model(model).named_parameters():
+        parameter.requires_grad = name.startswith(tuple(prefixes))
+    return model
+
+
+def load_trained_modules(model, directory):
+    """Put the weights of TRAINED_WEIGHTS in `directory` into `model` (built from its base checkpoint)."""
+    from safetensors.torch import load_file
+
+    check_weight_files(directory)
+    path = Path(directory) / TRAINED_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {Path(directory) / TRAINED_CONFIG} says the trained weights are there")
+    weights = load_file(path)
+    unknown = sorted(set(weights) - set(core_model(model).state_dict()))
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} weights are not in the base model (first: {unknown[0]}); was it "
+                        f"trained over another checkpoint?")
+    core_model(model).load_state_dict(weights, strict=False)
+    return model
+
+
 def core_model(model):
     """The transformers model inside `model` (unwraps a PEFT model; LoRA layers stay in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

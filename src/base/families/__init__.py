@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..helpers import UserError
-from ..modeling import load_pretrained
+from ..modeling import TRAINED_CONFIG, is_trained_modules, load_pretrained, load_trained_modules
 from .base import Family
 from .blip import Blip
 from .blip2 import Blip2
@@ -15,14 +15,16 @@ FAMILIES = [Blip, Git, Blip2]
 
 
 def base_checkpoint(checkpoint):
-    """The checkpoint a LoRA adapter directory was trained over (from its adapter_config.json), else `checkpoint`."""
-    adapter_config = Path(checkpoint) / "adapter_config.json"
-    if not adapter_config.is_file():
-        return checkpoint
-    try:
-        return json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{adapter_config}: cannot read the base checkpoint of this LoRA adapter ({error})")
+    """The checkpoint a LoRA adapter directory, or a directory of trained modules, was trained over (from its
+    adapter_config.json or TRAINED_CONFIG), else `checkpoint`."""
+    for name, what in (("adapter_config.json", "LoRA adapter"), (TRAINED_CONFIG, "model's trained modules")):
+        pointer = Path(checkpoint) / name
+        if pointer.is_file():
+            try:
+                return json.loads(pointer.read_text())["base_model_name_or_path"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise UserError(f"{pointer}: cannot read the base checkpoint of this {what} ({error})")
+    return checkpoint
 
 
 def model_config(checkpoint):
@@ -52,5 +54,16 @@ def load_family(checkpoint, prompt=""):
 
 
 def load_captioner(checkpoint):
-    """The full captioning model of `checkpoint`, whatever its family."""
-    return family_class(model_config(checkpoint)).load_model(checkpoint)
+    """The full captioning model of `checkpoint`, whatever its family (trained modules: over their base)."""
+    family = family_class(model_config(checkpoint))
+    if is_trained_modules(checkpoint):
+        return load_trained_modules(family.load_model(base_checkpoint(checkpoint)), checkpoint)
+    return family.load_model(checkpoint)
+
+
+def apply_recipe(config, method, checkpoint):
+    """Fill the settings `config` leaves to the family's recipe from the recipe of `checkpoint`'s family; the log lines
+    that say where each setting came from (config.apply_recipe)."""
+    from ..config import apply_recipe as fill
+    model_configuration = model_config(checkpoint)
+    return fill(config, method, family_class(model_configuration), model_configuration)

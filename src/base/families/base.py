@@ -15,6 +15,7 @@ start each image from its own, and `decode` and `sequence_log_probs` then take e
 import torch
 import torch.nn.functional as F
 
+from ..helpers import UserError
 from ..text import tidy_caption, training_caption
 
 
@@ -22,8 +23,36 @@ class Family:
     name = ""                 # shown in logs
     model_types = ()          # config.json `model_type` values of this family's checkpoints
     lora_targets = ()         # default LoRA target modules (src.peft; --lora-targets overrides)
-    full_fine_tuning = True   # False: src.ft refuses (the model is too large to train every weight)
+    full_fine_tuning = True   # False: src.ft refuses --train-modules all (too large to train every weight)
     checkpoints = ()          # its usual hub checkpoints: what `scripts/get_data.py --checkpoints all` fetches
+    # Parts of the model --train-modules can name: {group: parameter-name prefixes of the transformers model}.
+    # src.ft trains the recipe's `train_modules` ("all": every weight); the rest stays frozen.
+    module_groups = {}
+
+    # The fine-tuning recipe: the RunConfig settings a run takes when no flag, environment variable or constant in
+    # src/base/constants.py sets them (config.apply_recipe). A family lists the values its authors fine-tune
+    # captioning with, and where they come from (`recipe_source`); the settings it does not list are this
+    # project's own, here. `lora_lr` and `lora_train_modules` are src.peft's rate and extra modules (the authors
+    # train no LoRA); docs/families.md has the table.
+    recipe = dict(lr=2e-5, lora_lr=2e-4, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=0.05,
+                  label_smoothing=0.1, prompt="", num_beams=3, max_new_tokens=30, min_new_tokens=5,
+                  length_penalty=1.0, train_modules="all", lora_train_modules="none")
+    recipe_source = "this project (src/base/families/base.py)"
+
+    @classmethod
+    def recipe_value(cls, key, config):
+        """(value, source) of recipe setting `key` for a checkpoint with model configuration `config`: from the most
+        specific class that lists it (see `recipe_variant` for settings that depend on the checkpoint's size)."""
+        for klass in cls.__mro__:
+            variant = klass.__dict__.get("recipe_variant")
+            if variant is not None:
+                values, source = variant.__func__(cls, config)
+                if key in values:
+                    return values[key], source
+            if key in klass.__dict__.get("recipe", {}):
+                sources = klass.__dict__.get("recipe_sources", {})
+                return klass.__dict__["recipe"][key], sources.get(key, klass.__dict__["recipe_source"])
+        raise KeyError(key)
 
     def __init__(self, config, processor, prompt=""):
         """`config` is the checkpoint's model configuration, `processor` its processor, `prompt` the text every
@@ -32,6 +61,16 @@ class Family:
         self.prompt = prompt.strip()
         self.prefix = self.start_ids() + (self.word_ids([self.prompt])[0] if self.prompt else [])
         self.start_rows = None  # the prefix of each image while generate_from / sample_from run (see first_tokens)
+
+    @classmethod
+    def module_prefixes(cls, names):
+        """Parameter-name prefixes of the --train-modules groups `names` (comma-separated)."""
+        chosen = [name.strip() for name in names.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in cls.module_groups]
+        if unknown or not chosen:
+            raise UserError(f"--train-modules {names}: {cls.name} has no part named {', '.join(unknown) or 'so'} "
+                            f"(its parts: {', '.join(cls.module_groups)}, or all)")
+        return tuple(prefix for name in chosen for prefix in cls.module_groups[name])
 
     # ---- loading (no instance needed)
 

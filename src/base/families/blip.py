@@ -29,6 +29,20 @@ class Blip(Family):
     model_types = ("blip",)
     lora_targets = ("query", "value")   # the text decoder's self- and cross-attention projections
     checkpoints = ("Salesforce/blip-image-captioning-base", "Salesforce/blip-image-captioning-large")
+    module_groups = {"vision": ("vision_model.",), "text": ("text_decoder.",)}
+    # LAVIS's caption fine-tuning (no warm-up steps: its runner's default is 0). Its generate() counts the prompt's
+    # 4 tokens ([DEC] a picture of) in max_len 20 and min_len 5: 16 and 1 new tokens.
+    recipe = dict(lr=1e-5, lr_schedule="cosine", warmup_ratio=0.0, weight_decay=0.05, label_smoothing=0.1,
+                  prompt="a picture of", num_beams=3, max_new_tokens=16, min_new_tokens=1)
+    recipe_source = "LAVIS lavis/projects/blip/train/caption_coco_ft.yaml"
+    recipe_sources = {"label_smoothing": "LAVIS lavis/models/med.py (CrossEntropyLoss(label_smoothing=0.1))"}
+
+    @classmethod
+    def recipe_variant(cls, config):
+        """BLIP-large (ViT-L, 1024 wide) is fine-tuned at a fifth of BLIP-base's rate."""
+        if config.vision_config.hidden_size >= 1024:
+            return dict(lr=2e-6), "LAVIS lavis/projects/blip/train/caption_coco_large_ft.yaml"
+        return {}, None
 
     @classmethod
     def load_model(cls, checkpoint, fused_attention=True):

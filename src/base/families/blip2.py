@@ -3,7 +3,8 @@ read the image, and a projection of the queries' outputs into an OPT language mo
 before the caption's tokens (transformers writes them into `<image>` placeholder tokens at the start of
 input_ids; the placeholders only mark where: the language model sees [projected queries ; text embeddings]).
 
-Too large to train every weight on one GPU (3.9B parameters): src.peft only (LoRA on OPT's attention by default).
+Too large to train every weight on one GPU (3.7B parameters): src.ft trains the parts its authors fine-tune (the
+Q-Former and the projection, OPT frozen: `recipe` below), src.peft LoRA adapters on OPT's attention.
 
 Tokens are OPT's (GPT-2 byte-level BPE): a caption starts with `</s>` (text_config.bos_token_id, 2, which OPT's
 tokenizer prepends) and ends with what generation stops at, text_config.eos_token_id: 50118, the newline, in
@@ -30,6 +31,22 @@ class Blip2(Family):
     lora_targets = ("q_proj", "v_proj")   # OPT's self-attention only (the ViT uses qkv, the Q-Former query/value)
     full_fine_tuning = False
     checkpoints = ("Salesforce/blip2-opt-2.7b",)
+    # LAVIS's Q-Former is the query tokens, the Q-Former and ln_vision (transformers' vision post_layernorm)
+    module_groups = {"qformer": ("query_tokens", "qformer.", "vision_model.post_layernorm."),
+                     "projection": ("language_projection.",),
+                     "vision": ("vision_model.",), "language": ("language_model.",)}
+    # LAVIS trains the Q-Former and the projection with OPT frozen (and the ViT too, freeze_vit: False: add
+    # --train-modules qformer,projection,vision). Its 1,000 warm-up steps are 9% of its 5 COCO epochs
+    # (566,747 captions / batch 256 = 2,214 steps per epoch, 11,070 in all): kept as that fraction. OPT's own loss,
+    # no label smoothing.
+    recipe = dict(lr=1e-5, lr_schedule="cosine", warmup_ratio=0.09, weight_decay=0.05, label_smoothing=0.0,
+                  prompt="a photo of", num_beams=5, max_new_tokens=30, min_new_tokens=8,
+                  train_modules="qformer,projection")
+    recipe_source = "LAVIS lavis/projects/blip2/train/caption_coco_ft.yaml"
+    recipe_sources = {"label_smoothing": "LAVIS lavis/models/blip2_models/modeling_opt.py (CrossEntropyLoss, "
+                                         "no smoothing)",
+                      "train_modules": "LAVIS lavis/models/blip2_models/blip2_opt.py (OPT frozen; freeze_vit: False "
+                                       "in the yaml: add vision)"}
 
     @classmethod
     def load_model(cls, checkpoint):

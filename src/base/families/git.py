@@ -19,6 +19,15 @@ class Git(Family):
     model_types = ("git",)
     lora_targets = ("query", "value")   # the text transformer's self-attention (the CLIP encoder's are q_proj/v_proj)
     checkpoints = ("microsoft/git-base", "microsoft/git-large-textcaps")
+    module_groups = {"vision": ("git.image_encoder.",), "projection": ("git.visual_projection.",),
+                     "text": ("git.embeddings.", "git.encoder.", "output.")}
+    # The authors' captioner (generativeimage2text/model.py): label-smoothed cross-entropy, beam 4, length penalty 0.6
+    # (theirs is GNMT's ((5 + length) / 6) ** 0.6; transformers' generate() divides by length ** 0.6). Their
+    # repository publishes no fine-tuning learning rate or schedule: those stay this project's.
+    recipe = dict(label_smoothing=0.1, num_beams=4, length_penalty=0.6, prompt="")
+    recipe_source = "microsoft/GenerativeImage2Text generativeimage2text/model.py"
+    recipe_sources = {"label_smoothing": "microsoft/GenerativeImage2Text generativeimage2text/layers/decoder.py "
+                                         "(SmoothLabelCrossEntropyLoss, eps=0.1)"}
 
     @classmethod
     def load_model(cls, checkpoint):
