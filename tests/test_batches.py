@@ -159,9 +159,13 @@ def test_loss_is_cross_entropy_with_label_smoothing_over_the_caption_tokens(tiny
 
 def test_label_smoothing_defaults_to_blips_0_1(tiny_blip, demo_data, tmp_path):
     from src.base.config import resolve, training_parser
+    from src.base.families import apply_recipe
     from src.ft.method import METHOD
     args = training_parser("t").parse_args(["--data-dir", str(demo_data), "--output-dir", str(tmp_path)])
-    assert resolve(METHOD, args).label_smoothing == 0.1
+    config = resolve(METHOD, args)
+    assert config.label_smoothing is None  # left to the family's recipe
+    apply_recipe(config, METHOD, str(tiny_blip))
+    assert config.label_smoothing == 0.1
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from src.base.cider import CiderD, ngram_counts
 from src.base.config import RunConfig, defaults
 from src.base.data import load_split, with_captions
 from src.base.evaluate import check_submission, read_predictions
+from src.base.families import apply_recipe
 from src.ft.method import METHOD as FT
 
 # Training references that share no word with the candidates below: every n-gram of theirs then has the same
@@ -100,8 +101,15 @@ def test_mbr_writes_the_consensus_of_beams_and_samples_and_every_candidate(two_f
         in result.stdout
 
 
-def test_tune_decoding_tries_consensus_on_the_best_setting_and_decoding_json_carries_it(tiny_blip, tmp_path):
+def _recipe_config(checkpoint):
+    """A run configuration with the checkpoint family's recipe filled in, as a test run has it."""
     config = RunConfig(**defaults(FT))
+    apply_recipe(config, FT, str(checkpoint))
+    return config
+
+
+def test_tune_decoding_tries_consensus_on_the_best_setting_and_decoding_json_carries_it(tiny_blip, tmp_path):
+    config = _recipe_config(tiny_blip)
     tried = []
 
     def caption(config):
@@ -112,17 +120,18 @@ def test_tune_decoding_tries_consensus_on_the_best_setting_and_decoding_json_car
         return settings["max_new_tokens"] + 5 * bool(settings["mbr"]) + settings["num_beams"] / 10
 
     rows = decoding.tune(caption, score, config, mbr=7)
-    assert len(tried) == len(decoding.grid()) + 1 and not any(s["mbr"] for s in tried[:-1])  # defaults: in the grid
+    run_setting_added = decoding.current(_recipe_config(tiny_blip)) not in decoding.grid()  # the grid and the run's own
+    assert len(tried) == len(decoding.grid()) + run_setting_added + 1 and not any(s["mbr"] for s in tried[:-1])
     assert rows[0] == {**tried[-1], "tuning_CIDEr": score(tried[-1])}
     assert tried[-1] == {**max(tried[:-1], key=score), "mbr": 7}
     tuned = decoding.save(tmp_path, weights_fingerprint(tiny_blip)[0], str(tiny_blip), "ptb", rows,
-                          decoding.current(RunConfig(**defaults(FT))), [], [], {"best": 1.0, "run_setting": 0.5})
+                          decoding.current(_recipe_config(tiny_blip)), [], [], {"best": 1.0, "run_setting": 0.5})
     assert "| MBR candidates |" in decoding.report(tuned)[0] and "consensus of 7 candidates" in decoding.report(tuned)[1]
 
-    later = RunConfig(**defaults(FT))
+    later = _recipe_config(tiny_blip)
     decoding.apply_saved(later, tmp_path, set(), str(tiny_blip))
     assert later.mbr == 7 and later.max_new_tokens == tried[-1]["max_new_tokens"]
-    flagged = RunConfig(**defaults(FT))
+    flagged = _recipe_config(tiny_blip)
     decoding.apply_saved(flagged, tmp_path, {"mbr"}, str(tiny_blip))  # --mbr 0 given: beam search
     assert flagged.mbr == 0 and flagged.max_new_tokens == tried[-1]["max_new_tokens"]
     # a decoding.json from before --mbr existed: beam search
