@@ -19,7 +19,7 @@ cores="$(nproc)"
 workers="${TEST_WORKERS:-$([ $# -eq 0 ] && echo $((cores < 4 ? cores : 4)) || echo 1)}"
 if [ "$workers" -gt 1 ]; then
     export OMP_NUM_THREADS=1
-    python -m pytest -q -n "$workers" --dist loadfile "$@" tests
+    python -m pytest -q -n "$workers" --dist loadfile --durations=20 "$@" tests
 else
     python -m pytest -q "$@" tests
 fi

@@ -136,8 +136,8 @@ from src.ft.method import METHOD
 
 reward = objectives.SelfCritical.rewards
 
-def recorded(self, image_ids, sequences):
-    scores = reward(self, image_ids, sequences)
+def recorded(self, image_ids, sequences, *prefix_lengths):
+    scores = reward(self, image_ids, sequences, *prefix_lengths)
     with open(os.path.join(sys.argv[1], f"rewards-{os.environ['RANK']}.json"), "a") as f:
         f.write(json.dumps(scores.tolist()) + "\n")
     return scores

@@ -127,7 +127,7 @@ def test_training_skips_the_empty_captions_that_scoring_keeps(tmp_path):
                    for n, (i, c) in enumerate(captions)]
     for split in ("train", "val"):
         write_annotations(tmp_path / "annotations" / f"{split}.json", images, annotations)
-    config = SimpleNamespace(data_dir=str(tmp_path), drop_rejected=True, drop_precanned=True)
+    config = SimpleNamespace(data_dir=str(tmp_path), drop_rejected=True, drop_precanned=True, ocr=False)
     assert [(r.image_id, r.captions) for r in _load_records(config, "val")] == [(1, ["A dog.", ""]), (2, [""]),
                                                                                  (3, ["a cat"])]
     assert [(r.image_id, r.captions) for r in _load_records(config, "train")] == [(1, ["A dog."]), (3, ["a cat"])]

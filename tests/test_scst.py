@@ -46,8 +46,9 @@ def test_scst_raises_validation_cider_of_a_cross_entropy_checkpoint_and_resumes(
 
 # ---------------------------------------------------------------- the same settings on data made differently
 
+# the prompt of the cross-entropy run (none: OTHER_SET_CE), not BLIP's recipe's
 OTHER_SETS_SCST = ["--objective", "scst", "--lr", "5e-5", "--batch-size", "16", "--max-steps", "30", "--eval-every",
-                   "10", "--seed", "0"]
+                   "10", "--seed", "0", "--prompt", ""]
 
 
 @pytest.mark.parametrize("kind", ["objects", "layout"])
