@@ -15,11 +15,14 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # its own tiny models and runs; TEST_WORKERS overrides, 1 turns it off), each worker's torch on one thread: the tiny
 # models gain nothing from a second thread (a 46 s test takes 46 s on one thread or two), so two files at once take
 # half the time. A subset (extra arguments) runs in one process, where -s shows its printed figures.
+# the whole tests/ folder unless an argument names a test file or folder (tests/test_text.py, tests/x.py::test_y)
+where=tests
+for arg in "$@"; do [ -e "${arg%%::*}" ] && where=; done
 cores="$(nproc)"
 workers="${TEST_WORKERS:-$([ $# -eq 0 ] && echo $((cores < 4 ? cores : 4)) || echo 1)}"
 if [ "$workers" -gt 1 ]; then
     export OMP_NUM_THREADS=1
-    python -m pytest -q -n "$workers" --dist loadfile --durations=20 "$@" tests
+    python -m pytest -q -n "$workers" --dist loadfile --durations=20 "$@" $where
 else
-    python -m pytest -q "$@" tests
+    python -m pytest -q "$@" $where
 fi
