@@ -44,7 +44,7 @@ READS_BESIDE = []  # what a test opened or listed beside the clone, until its en
 
 
 def beside_the_clone(path):
-    """Whether `path` lies in the folder that holds the repository but not in the repository, like ../shared: a
+    """Whether `path` lies in the folder that holds the repository but not in the repository, like a sibling folder: a
     fresh clone elsewhere would not find it. Hidden folders there (~/.cache, ~/.local for a clone in the home
     folder), the environment and temporary files do not count; nor does anything when the clone's folder is /."""
     path = os.path.realpath(path)

@@ -15,14 +15,14 @@ CLONE_FOLDER = REPO.parent
 def test_a_read_beside_the_clone_is_caught():
     if os.path.realpath(CLONE_FOLDER) == os.sep:
         pytest.skip("the clone lies directly in /: everything is beside it")
-    missing = CLONE_FOLDER / "shared" / "no-such-file.json"
+    missing = CLONE_FOLDER / "a-sibling-folder" / "no-such-file.json"
     earlier = len(READS_BESIDE)
     with pytest.raises(FileNotFoundError):
         open(missing)
     caught = READS_BESIDE[earlier:]
     del READS_BESIDE[earlier:]  # this test's own read must not fail it (conftest.reads_nothing_beside_the_clone)
     assert caught == [str(missing)]
-    assert beside_the_clone(CLONE_FOLDER / "shared" / "hub_files" / "blip-image-captioning-base" / "vocab.txt")
+    assert beside_the_clone(CLONE_FOLDER / "a-sibling-folder" / "hub_files" / "vocab.txt")
 
 
 def test_the_repository_its_environment_and_temporary_files_are_not_beside_it(tmp_path):
