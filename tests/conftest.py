@@ -397,6 +397,17 @@ def assert_test_writes_one_caption_per_image(method, run_dir, data_dir):
     assert all(c["caption"].strip() for c in captions)
 
 
+def run_config(checkpoint, method_name="ft"):
+    """The configuration a run of `checkpoint` with no flags gets (its family's recipe filled in)."""
+    from importlib import import_module
+    from src.base.config import resolve, training_parser
+    from src.base.families import apply_recipe
+    method = import_module(f"src.{method_name}.method").METHOD
+    config = resolve(method, training_parser("x").parse_args(["--checkpoint", str(checkpoint)]))
+    apply_recipe(config, method, str(checkpoint))
+    return config
+
+
 def short_scst_run(checkpoint, data_dir, out):
     """Two SCST steps with LoRA (src.peft's method) from `checkpoint`, in this process; returns metrics.jsonl."""
     from src.base.config import resolve, training_parser

@@ -6,6 +6,8 @@ Nothing here depends on the tiny BLIP-2's sizes or vocabulary: words come from i
 tokens from its configuration, so the same tests hold for any BLIP-2 OPT checkpoint.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -154,19 +156,27 @@ def test_full_fine_tuning_is_refused_in_one_line(tiny_blip2, demo_data, tmp_path
 def blip2_peft_run(tmp_path_factory, tiny_blip2, demo_data):
     out = tmp_path_factory.mktemp("runs") / "blip2-peft"
     # no prompt, as this run was tuned: after BLIP-2's recipe prompt ("a photo of") 60 steps of LoRA on a random tiny
-    # OPT barely learn (validation CIDEr-D 0.006 -> 0.03); the run checks that LoRA learns through the engine
+    # OPT barely learn (validation CIDEr-D 0.006 -> 0.03); the run checks that LoRA learns through the engine. At 40 px
+    # (the checkpoint's are 32): an adapter loads over its base at the size it was trained at (trained_with.json).
     run_module("src.peft.train", "--data-dir", demo_data, "--checkpoint", tiny_blip2, "--output-dir", out, *FAST,
-               "--lr", "2e-2", "--lora-r", "16", "--eval-every", "0", "--max-steps", "60", "--prompt", "")
+               "--lr", "2e-2", "--lora-r", "16", "--eval-every", "0", "--max-steps", "60", "--prompt", "",
+               "--image-size", "40")
     return out
 
 
-def test_lora_learns_and_test_writes_one_caption_per_image(blip2_peft_run, demo_data):
+def test_lora_learns_and_test_writes_one_caption_per_image(blip2_peft_run, demo_data, tmp_path):
     metrics = read_metrics(blip2_peft_run)
     assert metrics[0]["step"] == 0 and metrics[-1]["step"] == 60
     # measured: 0.00 at step 0, about 0.5 at step 60
     assert max(m["CIDEr"] for m in metrics) > metrics[0]["CIDEr"] + 0.2, [m["CIDEr"] for m in metrics]
     assert (blip2_peft_run / "best_model" / "adapter_config.json").is_file()
     assert_test_writes_one_caption_per_image("peft", blip2_peft_run, demo_data)
+    # the adapter alone, tested elsewhere: over its base at 40 px, with no prompt, as it was trained and validated
+    elsewhere = tmp_path / "elsewhere"
+    run_module("src.peft.test", "--output-dir", elsewhere, "--checkpoint", blip2_peft_run / "best_model",
+               "--data-dir", demo_data, "--split", "val", *FAST)
+    assert json.loads((elsewhere / "val_scores.json").read_text())["CIDEr"] == pytest.approx(
+        max(m["CIDEr"] for m in metrics), abs=1e-9)
 
 
 def test_the_logs_say_what_each_part_holds_its_weights_in(blip2_peft_run, demo_data, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, SAMPLE
+from conftest import REPO, SAMPLE, run_config
 from src.base.checkpoint import Progress, _drop_new_default_lora_keys, save_best_model, save_training_state
 from src.base.config import resolve, training_parser
 from src.base.data import ImageTransform, load_image
@@ -104,15 +104,15 @@ def saved(tmp_path_factory, tiny_blip):
     save_file(inputs, root / "inputs.safetensors")
 
     models = {"full": load_captioner(tiny_blip).eval()}
-    save_best_model(root / "full", models["full"], family)
+    save_best_model(root / "full", models["full"], family, run_config(tiny_blip))
     base = root / "full" / "best_model"
     models["lora_local"] = _trained_lora(load_captioner(str(base)))
-    save_best_model(root / "lora_local", models["lora_local"], family)
+    save_best_model(root / "lora_local", models["lora_local"], family, run_config(base))
     hub = _hub_cache(root / "hub", HUB_NAME, base)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
         models["lora_hub"] = _trained_lora(load_captioner(HUB_NAME))
-        save_best_model(root / "lora_hub", models["lora_hub"], family)
+        save_best_model(root / "lora_hub", models["lora_hub"], family, run_config(base))
     return {"root": root, "hub": hub, "base": base, "inputs": inputs,
             "dirs": {name: root / name / "best_model" for name in models},
             "logits": {name: _logits(model, inputs) for name, model in models.items()}}
@@ -147,7 +147,7 @@ def saved_families(tmp_path_factory, tiny_git, tiny_blip2):
                 for parameter in model.parameters():
                     if parameter.requires_grad:
                         parameter.add_(torch.randn_like(parameter) * 0.1)
-        save_best_model(root / name, model, family, str(checkpoint))
+        save_best_model(root / name, model, family, run_config(checkpoint))
         dirs[name] = root / name / "best_model"
         inputs = _family_inputs(family)
         inputs_files[name] = root / f"{name}-inputs.safetensors"
@@ -259,8 +259,8 @@ def test_saved_files_follow_the_umask(tmp_path, tiny_blip):
     config = resolve(FT, training_parser("x").parse_args(argv))
     previous = os.umask(0o027)
     try:
-        save_best_model(tmp_path, model, family)
-        save_best_model(tmp_path / "lora", _trained_lora(load_captioner(tiny_blip)), family)
+        save_best_model(tmp_path, model, family, config)
+        save_best_model(tmp_path / "lora", _trained_lora(load_captioner(tiny_blip)), family, config)
         save_training_state(tmp_path, model, optimizer, scheduler, None, Progress(), config)
     finally:
         os.umask(previous)

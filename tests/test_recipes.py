@@ -9,17 +9,16 @@ from safetensors.torch import load_file
 
 from conftest import FAST, REPO, run_module
 from src.base import constants as C
-from src.base.config import apply_recipe, resolve, training_parser
-from src.base.families import Blip, Blip2, Git, family_class, load_captioner, model_config
+from src.base.helpers import UserError
+from src.base.config import resolve, training_parser
+from src.base.families import Blip, Blip2, Git, apply_recipe, family_class, load_captioner, model_config
 from src.ft.method import METHOD as FT
 from src.peft.method import METHOD as PEFT
 
 
 def _config(method, checkpoint, *flags):
     config = resolve(method, training_parser("x").parse_args(["--checkpoint", str(checkpoint), *map(str, flags)]))
-    model_configuration = model_config(str(checkpoint))
-    lines = apply_recipe(config, method, family_class(model_configuration), model_configuration)
-    return config, lines
+    return config, apply_recipe(config, method, str(checkpoint))
 
 
 DECODING = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty")
@@ -42,7 +41,7 @@ def test_each_family_takes_its_authors_recipe_where_nothing_else_is_set(tiny_bli
     assert (lora.lr, lora.train_modules, lora.prompt) == (2e-4, "none", "a photo of")
     # BLIP-large's recipe (LAVIS caption_coco_large_ft.yaml), from the real checkpoint's configuration
     large = model_config(str(REPO / "tests" / "fixtures" / "hub_files" / "blip-image-captioning-large"))
-    assert Blip.recipe_value("lr", large) == (2e-6, "LAVIS lavis/projects/blip/train/caption_coco_large_ft.yaml")
+    assert Blip.recipe_for(large)["lr"] == (2e-6, "LAVIS lavis/projects/blip/train/caption_coco_large_ft.yaml")
 
 
 def test_a_flag_beats_a_constant_or_environment_variable_which_beats_the_recipe(tiny_git, monkeypatch):
@@ -59,14 +58,17 @@ def test_a_flag_beats_a_constant_or_environment_variable_which_beats_the_recipe(
 @pytest.fixture(scope="module")
 def blip2_ft_run(tmp_path_factory, tiny_blip2, demo_data):
     out = tmp_path_factory.mktemp("runs") / "blip2-ft"
+    # trained at another size than the checkpoint's 32 px and with another prompt than the recipe's "a photo of": what
+    # a model trained here is later tested and trained on with (test_a_model_trained_here_keeps_its_prompt_...)
     run_module("src.ft.train", "--data-dir", demo_data, "--checkpoint", tiny_blip2, "--output-dir", out, *FAST,
-               "--lr", "1e-3", "--eval-every", "4", "--max-steps", "4", "--no-eval-at-start", "--val-max-images", "8")
+               "--lr", "1e-3", "--eval-every", "4", "--max-steps", "4", "--no-eval-at-start", "--val-max-images", "8",
+               "--prompt", "a picture of", "--image-size", "48")
     return out
 
 
 def test_blip2_trains_its_qformer_and_projection_and_best_model_holds_only_them(blip2_ft_run, tiny_blip2, demo_data):
     config = json.loads((blip2_ft_run / "config.json").read_text())
-    assert (config["train_modules"], config["prompt"], config["num_beams"]) == ("qformer,projection", "a photo of", 1)
+    assert (config["train_modules"], config["prompt"], config["num_beams"]) == ("qformer,projection", "a picture of", 1)
     log = (blip2_ft_run / "train.log").read_text()
     assert "BLIP-2 defaults from LAVIS lavis/projects/blip2/train/caption_coco_ft.yaml" in log
     trained = load_file(blip2_ft_run / "state" / "trainable.safetensors")
@@ -77,7 +79,7 @@ def test_blip2_trains_its_qformer_and_projection_and_best_model_holds_only_them(
     assert not (best / "model.safetensors").exists() and not (best / "config.json").exists()
     saved = load_file(best / "trained_modules.safetensors")
     assert set(saved) == set(trained)
-    base, tuned = load_captioner(str(tiny_blip2)), load_captioner(str(best))
+    base, tuned = Blip2.resize_images(load_captioner(str(tiny_blip2)), 48), load_captioner(str(best))  # see below
     base_weights, tuned_weights = base.state_dict(), tuned.state_dict()
     changed = {name for name in base_weights if not torch.equal(base_weights[name], tuned_weights[name])}
     assert changed and changed <= set(saved)  # OPT and the ViT are the base checkpoint's
@@ -87,6 +89,27 @@ def test_blip2_trains_its_qformer_and_projection_and_best_model_holds_only_them(
     assert len(json.loads((blip2_ft_run / "test_captions.json").read_text())) == 25
     resumed = run_module("src.ft.resume", "--data-dir", demo_data, "--output-dir", blip2_ft_run)  # state/ fits
     assert "resumed from" in (blip2_ft_run / "train.log").read_text(), resumed.stderr
+
+
+def test_a_model_trained_here_keeps_its_prompt_and_image_size_wherever_it_goes(blip2_ft_run, demo_data, tmp_path):
+    """best_model/ says how it was trained to read its input (trained_with.json): a test of it in another directory,
+    or a new run from it, takes its prompt and image size (not the recipe's) and captions as its own run does."""
+    best = blip2_ft_run / "best_model"
+    trained = json.loads((best / "trained_with.json").read_text())
+    assert (trained["prompt"], trained["image_size"], trained["ocr"]) == ("a picture of", 48, False)
+    assert json.loads((best / "preprocessor_config.json").read_text())["size"] == {"height": 48, "width": 48}
+    assert load_captioner(str(best)).config.vision_config.image_size == 48  # the trained parts over the 32-px base
+    run_module("src.ft.test", "--data-dir", demo_data, "--output-dir", blip2_ft_run, "--split", "val")
+    elsewhere = tmp_path / "elsewhere"
+    run_module("src.ft.test", "--data-dir", demo_data, "--checkpoint", best, "--output-dir", elsewhere, "--split",
+               "val", "--num-beams", "1")
+    log = (elsewhere / "test.log").read_text()
+    assert f"how {best} was trained (trained_with.json): --prompt 'a picture of', --image-size 48" in log, log
+    assert (json.loads((elsewhere / "val_captions.json").read_text())
+            == json.loads((blip2_ft_run / "val_captions.json").read_text()))
+    second_stage, _ = _config(FT, best, "--objective", "scst")
+    assert (second_stage.prompt, second_stage.image_size) == ("a picture of", 48)
+    assert _config(FT, best, "--image-size", "64")[0].image_size == 64  # a flag still decides
 
 
 def test_train_modules_flag_chooses_the_parts_and_the_engine_refuses_unknown_or_all_for_blip2(
@@ -119,3 +142,37 @@ def test_the_demos_git_stage_takes_gits_recipe():
     recipe_flags = {"--" + key.replace("_", "-") for key in Git.recipe} | {"--warmup-ratio", "--lr-schedule"}
     given = set(command.split())
     assert not given & recipe_flags and "QUICK" not in command, command
+
+
+@pytest.mark.parametrize("family", ["blip", "blip2"])
+def test_a_model_resized_to_another_image_size_sees_it_as_transformers_interpolation_does(family, request):
+    """--image-size: the position embeddings interpolated once equal transformers' own interpolation at every forward
+    (interpolate_pos_encoding=True, the same bicubic arithmetic as LAVIS's interpolate_pos_embed); sizes that are not
+    whole patches, and GIT at another size, are refused in one line."""
+    checkpoint = str(request.getfixturevalue(f"tiny_{family}"))
+    original, resized = load_captioner(checkpoint), load_captioner(checkpoint)
+    family_class(original.config).resize_images(resized, 48)
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = original.vision_model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+        got = resized.vision_model(pixel_values=pixels).last_hidden_state
+    assert got.shape[1] == 1 + (48 // 8) ** 2 and torch.allclose(got, expected, atol=1e-5)
+    assert resized.config.vision_config.image_size == 48 and original.config.vision_config.image_size == 32
+    with pytest.raises(UserError, match="--image-size 44: must be a multiple of .* patch size, 8 pixels"):
+        family_class(original.config).resize_images(original, 44)
+
+
+def test_git_keeps_its_image_size(tiny_git):
+    model = load_captioner(str(tiny_git))
+    Git.resize_images(model, 32)  # its own: nothing to do
+    with pytest.raises(UserError, match="GIT trains and captions at its checkpoint's 32 px only"):
+        Git.resize_images(model, 48)
+
+
+def test_blip2s_recipe_fine_tunes_vit_g_at_364_and_the_others_keep_their_checkpoints_size(tiny_blip2):
+    from transformers import Blip2Config
+    vit_g = Blip2Config()  # transformers' defaults are blip2-opt-2.7b's: ViT-g, 224 px, patches of 14
+    assert Blip2.recipe_for(vit_g)["image_size"] == (364, "LAVIS lavis/projects/blip2/train/caption_coco_ft.yaml")
+    assert Blip2.recipe_for(model_config(str(tiny_blip2)))["image_size"] == (32, "the checkpoint's own configuration")
+    base = model_config(str(REPO / "tests" / "fixtures" / "hub_files" / "blip-image-captioning-base"))
+    assert Blip.recipe_for(base)["image_size"][0] == 384  # LAVIS's caption_coco_ft.yaml too

@@ -372,7 +372,7 @@ def test_a_save_that_fails_part_way_leaves_the_previous_state_and_best_model(tmp
                                        trainer.progress, config)
     monkeypatch.setattr(trainer.processor, "save_pretrained", lambda *a, **k: disk_full(None, out / "best_model.tmp/x"))
     with pytest.raises(OSError):
-        checkpoint.save_best_model(out, trainer.model, trainer.family)
+        checkpoint.save_best_model(out, trainer.model, trainer.family, config)
     monkeypatch.undo()
 
     assert (_digest(out / "state"), _digest(out / "best_model")) == before

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .families import base_checkpoint
+from .families import TRAINED_WITH, base_checkpoint
 from .helpers import UserError, fsync_dir, recover_dir, replace_dir_atomic, rng_state, set_rng_state, write_json_atomic
 from .modeling import TRAINED_CONFIG, TRAINED_WEIGHTS, core_model, first_line, is_trained_modules
 
@@ -176,9 +176,10 @@ OLD_PEFT_LORA_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "r
                       "layer_replication"}
 
 
-def save_best_model(output_dir, model, family, checkpoint=None):
-    """Write `best_model/` (full model, the LoRA adapter, or the parts that train over `checkpoint`, the run's starting
-    checkpoint) with its family's processor, atomically.
+def save_best_model(output_dir, model, family, config):
+    """Write `best_model/` (full model, the LoRA adapter, or the parts that train over config.checkpoint, the run's
+    starting checkpoint) with its family's processor and how it was trained to read its input (TRAINED_WITH),
+    atomically.
 
     Others load it with other library versions (a grader on transformers 4.x, older peft), so it is written
     the way those read it too: with the weights 4.x does not tie (`family.legacy_weights`), an adapter config
@@ -193,8 +194,12 @@ def save_best_model(output_dir, model, family, checkpoint=None):
         elif all(p.requires_grad for p in model.parameters()):
             model.save_pretrained(tmp, state_dict={**model.state_dict(), **family.legacy_weights(model)})
         else:
-            _save_trained_modules(model, checkpoint, tmp)
+            _save_trained_modules(model, config.checkpoint, tmp)
         _save_processor(processor, tmp)
+        write_json_atomic(tmp / TRAINED_WITH, {
+            "prompt": config.prompt, "image_size": config.image_size, "ocr": config.ocr,
+            "ocr_min_confidence": config.ocr_min_confidence, "ocr_max_tokens": config.ocr_max_tokens,
+            "method": config.method, "started_from": config.checkpoint})
     _write_dir_atomic(Path(output_dir) / BEST_DIR, write)
 
 

@@ -65,6 +65,7 @@ class RunConfig:
     exact_preprocessing: bool = False
     tf32: bool = False
     mbr: int = 0  # test only: candidates per image for consensus decoding (0 = beam search); training ignores it
+    image_size: int = None  # pixels, square: the family's recipe (the checkpoint's own; BLIP-2's ViT-g: 364)
     train_modules: str = None  # src.ft: the parts that train ("all": every weight); src.peft: parts trained besides LoRA
     job: str = None  # the batch job that started the run (jobs.current_job()): its requeues resume, even with --fresh
 
@@ -90,6 +91,7 @@ def defaults(method):
         ocr=C.OCR, ocr_min_confidence=C.OCR_MIN_CONFIDENCE, ocr_max_tokens=C.OCR_MAX_TOKENS,
         eval_at_start=C.EVAL_AT_START, length_penalty=C.LENGTH_PENALTY, repetition_penalty=C.REPETITION_PENALTY,
         exact_preprocessing=C.EXACT_PREPROCESSING, tf32=C.TF32, train_modules=C.TRAIN_MODULES,
+        image_size=C.IMAGE_SIZE,
     )
 
 
@@ -178,19 +180,19 @@ def resolve(method, args, saved=None, resuming=False):
 # (families/base.py, Family.recipe). Precedence: flag > environment variable or constant > family recipe > this
 # project's default (Family.recipe in families/base.py, for what a family's authors do not publish).
 RECIPE = ("lr", "lr_schedule", "warmup_ratio", "weight_decay", "label_smoothing", "prompt", "num_beams",
-          "max_new_tokens", "min_new_tokens", "length_penalty", "train_modules")
+          "max_new_tokens", "min_new_tokens", "length_penalty", "train_modules", "image_size")
 
 
-def apply_recipe(config, method, family, model_config):
-    """Fill the RECIPE settings `config` leaves open (None) from `family`'s recipe for the checkpoint with
-    `model_config`; the caller saves `config` with them, so a resumed or tested run reads the same values. Returns
-    the log lines that say where each setting came from."""
+def apply_recipe(config, method, family, recipe):
+    """Fill the RECIPE settings `config` leaves open (None) from `recipe` ({setting: (value, source)}, the family's
+    recipe for the checkpoint: families.apply_recipe); the caller saves `config` with them, so a resumed or tested run
+    reads the same values. Returns the log lines that say where each setting came from."""
     by_source, kept = {}, []
     for field in RECIPE:
         if getattr(config, field) is not None:
             kept.append(_as_flag(field, getattr(config, field)))
             continue
-        value, source = family.recipe_value(method.recipe_keys.get(field, field), model_config)
+        value, source = recipe[method.recipe_keys.get(field, field)]
         if field == "lr" and config.objective == "scst":  # SCST: a fraction of the cross-entropy rate
             value *= C.SCST_LR_FRACTION
         setattr(config, field, value)
@@ -244,7 +246,7 @@ def _as_value(key, value):
 def _check(config):
     """Refuse settings that make no sense; the RECIPE settings still open (None) are checked once filled."""
     positive = ["batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "max_caption_tokens", "lora_r",
-                "grad_accum", "scst_samples"]
+                "grad_accum", "scst_samples", "image_size"]
     for name in positive:
         if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
@@ -306,6 +308,10 @@ def training_parser(description, checkpoint_help="starting model: hub name or lo
                    help="--ocr: leave out text boxes read with less confidence (0-1, default 0.5)")
     p.add_argument("--ocr-max-tokens", type=int, help="--ocr: at most this many tokens of OCR words per image "
                                                        "(largest text first; default 12)")
+    p.add_argument("--image-size", type=int,
+                   help="train and caption at this many pixels, square (default: the family's recipe: the checkpoint's "
+                        "own size, 364 for BLIP-2's ViT-g as its authors fine-tune it; a checkpoint trained here: "
+                        "the size it was trained at); the vision position embeddings are interpolated to it")
     p.add_argument("--epochs", type=int, help="passes over every kept caption of the training set")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all; > 0 overrides --epochs")
     p.add_argument("--batch-size", type=int, help=batch_help)

@@ -66,6 +66,7 @@ DROP_PRECANNED = _env("DROP_PRECANNED", True)    # "Quality issues are too sever
 MAX_CAPTION_TOKENS = _env("MAX_CAPTION_TOKENS", 40)  # longer captions are truncated (incl. [DEC] and [SEP])
 NUM_WORKERS = _env("NUM_WORKERS", -1)            # DataLoader workers; -1 = from NSLOTS / CPU count
 EXACT_PREPROCESSING = _env("EXACT_PREPROCESSING", False)  # decode JPEGs at full size: pixels equal BlipImageProcessor's
+IMAGE_SIZE = _env("IMAGE_SIZE", None, int)     # pixels, square; None = the family's recipe (the checkpoint's own; BLIP-2: 364)
 
 # ---- optimisation ----------------------------------------------------------
 # A setting that is None here takes its value from the family's fine-tuning recipe (src/base/families/*.py, its

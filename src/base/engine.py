@@ -304,7 +304,9 @@ class Trainer:
                               self.family, self.device, self.precision, self.processes.world))
         for line in recipe:
             log.info(line)
-        self.model = to_device(method.build(config, self.family), self.device)
+        model = method.build(config, self.family)
+        self.family.use_image_size(model, config.image_size)  # before the optimizer: it may replace a parameter
+        self.model = to_device(model, self.device)
         if config.grad_checkpointing:
             enable_activation_checkpointing(self.model)
         # bf16-weights: the model's weights become bf16, the optimizer steps fp32 copies (before compile and DDP)
@@ -566,7 +568,7 @@ class Trainer:
     def _save_best(self, predictions, per_image):
         try:
             with full_precision(self.master):  # bf16-weights: written from the fp32 copies, an fp32 model
-                save_best_model(self.output_dir, self.model, self.family, self.config.checkpoint)
+                save_best_model(self.output_dir, self.model, self.family, self.config)
         except OSError as error:
             log.error(f"could not save {self.output_dir / 'best_model'} ({error}); the previous best model is kept "
                       f"and the next validation tries again")

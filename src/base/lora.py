@@ -2,7 +2,7 @@
 import warnings
 from pathlib import Path
 
-from .families import base_checkpoint, load_captioner
+from .families import base_checkpoint, family_class, load_captioner, trained_with
 from .helpers import UserError
 from .modeling import check_weight_files
 
@@ -30,5 +30,6 @@ def load_lora(adapter_dir, trainable=False):
     check_weight_files(adapter_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(load_captioner(base_checkpoint(adapter_dir)), adapter_dir,
-                                         is_trainable=trainable)
+        base = load_captioner(base_checkpoint(adapter_dir))  # at the image size the adapter was trained at
+        family_class(base.config).resize_images(base, trained_with(adapter_dir).get("image_size"))
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)

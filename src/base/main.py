@@ -180,7 +180,9 @@ def _test(method, argv, stop):
                           device, precision, processes.world))
     for line in recipe:
         log.info(line)
-    model = captioning_weights(to_device(method.load_best(checkpoint), device), precision)
+    model = method.load_best(checkpoint)
+    family.use_image_size(model, config.image_size)
+    model = captioning_weights(to_device(model, device), precision)
     log.info(describe_weights(model, precision))
     if not args.tune_decoding:  # after loading: a hub checkpoint's files are in the cache then
         decoding.apply_saved(config, output_dir, {k for k in decoding.KEYS if getattr(args, k) is not None}, checkpoint)

@@ -138,7 +138,7 @@ def time_saves(trainer, last_pass):
         (tmp / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 1.0, "CIDEr": 0.5}) + "\n")
 
         def write_best():
-            save_best_model(tmp, trainer.model, trainer.family, trainer.config.checkpoint)
+            save_best_model(tmp, trainer.model, trainer.family, trainer.config)
             report.save_examples(tmp / "examples", *last_pass)
             report.plot_curves(tmp / "metrics.jsonl", tmp / "curves.png")
 

@@ -53,17 +53,55 @@ def load_family(checkpoint, prompt=""):
     return family(config, family.load_processor(checkpoint if has_processor else base_checkpoint(checkpoint)), prompt)
 
 
+# best_model/ says how its model was trained to read its input (save_best_model writes it): the prompt its captions
+# start from, the image size, OCR words. A run or test from it takes those unless its flags say otherwise.
+TRAINED_WITH = "trained_with.json"
+
+
+def trained_with(checkpoint):
+    """The settings `checkpoint` was trained with (TRAINED_WITH), {} for a hub checkpoint or a directory without it."""
+    path = Path(checkpoint) / TRAINED_WITH
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+        return settings
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read how this model was trained ({error}); write it again as JSON, or "
+                        f"delete it and give --prompt and --image-size")
+
+
 def load_captioner(checkpoint):
-    """The full captioning model of `checkpoint`, whatever its family (trained modules: over their base)."""
+    """The full captioning model of `checkpoint`, whatever its family (trained modules: over their base), at the image
+    size it was trained at."""
     family = family_class(model_config(checkpoint))
-    if is_trained_modules(checkpoint):
-        return load_trained_modules(family.load_model(base_checkpoint(checkpoint)), checkpoint)
-    return family.load_model(checkpoint)
+    size = trained_with(checkpoint).get("image_size")
+    if is_trained_modules(checkpoint):  # resized first: the trained weights may include the position embeddings
+        return load_trained_modules(family.resize_images(family.load_model(base_checkpoint(checkpoint)), size),
+                                    checkpoint)
+    return family.resize_images(family.load_model(checkpoint), size)
+
+
+# what a checkpoint's TRAINED_WITH gives a run or test that starts from it (before its family's recipe)
+INHERITED = ("prompt", "image_size")
 
 
 def apply_recipe(config, method, checkpoint):
-    """Fill the settings `config` leaves to the family's recipe from the recipe of `checkpoint`'s family; the log lines
-    that say where each setting came from (config.apply_recipe)."""
+    """Fill the settings `config` leaves open from how `checkpoint` was trained (its TRAINED_WITH) and then from the
+    recipe of its family; the log lines that say where each setting came from (config.apply_recipe)."""
     from ..config import apply_recipe as fill
     model_configuration = model_config(checkpoint)
-    return fill(config, method, family_class(model_configuration), model_configuration)
+    family = family_class(model_configuration)
+    recipe = family.recipe_for(model_configuration)
+    trained = trained_with(checkpoint)
+    source = f"how {checkpoint} was trained ({TRAINED_WITH})"
+    recipe.update({key: (trained[key], source) for key in INHERITED if key in trained})
+    if not trained and base_checkpoint(checkpoint) != checkpoint:  # adapter or trained parts saved before TRAINED_WITH
+        recipe["image_size"] = (model_configuration.vision_config.image_size, "its base checkpoint's size")
+    lines = fill(config, method, family, recipe)
+    if bool(trained.get("ocr", False)) != bool(config.ocr) and trained:
+        lines.append(f"note: {checkpoint} was trained {'with' if trained.get('ocr') else 'without'} --ocr and this "
+                     f"run is {'with' if config.ocr else 'without'} it")
+    return lines

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..helpers import UserError
+from ..modeling import core_model
 from ..text import tidy_caption, training_caption
 
 
@@ -31,28 +32,26 @@ class Family:
 
     # The fine-tuning recipe: the RunConfig settings a run takes when no flag, environment variable or constant in
     # src/base/constants.py sets them (config.apply_recipe). A family lists the values its authors fine-tune
-    # captioning with, and where they come from (`recipe_source`); the settings it does not list are this
-    # project's own, here. `lora_lr` and `lora_train_modules` are src.peft's rate and extra modules (the authors
-    # train no LoRA); docs/families.md has the table.
+    # captioning with, and where they come from (`recipe_source`, or `recipe_sources` for one setting); the settings
+    # it does not list are this project's own, here. `lora_lr` and `lora_train_modules` are src.peft's rate and extra
+    # modules (the authors train no LoRA); docs/families.md has the table. Settings that depend on the checkpoint
+    # (BLIP-large's rate, BLIP-2's image size) are added by the family's `recipe_for`.
     recipe = dict(lr=2e-5, lora_lr=2e-4, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=0.05,
                   label_smoothing=0.1, prompt="", num_beams=3, max_new_tokens=30, min_new_tokens=5,
                   length_penalty=1.0, train_modules="all", lora_train_modules="none")
     recipe_source = "this project (src/base/families/base.py)"
+    recipe_sources = {}
 
     @classmethod
-    def recipe_value(cls, key, config):
-        """(value, source) of recipe setting `key` for a checkpoint with model configuration `config`: from the most
-        specific class that lists it (see `recipe_variant` for settings that depend on the checkpoint's size)."""
-        for klass in cls.__mro__:
-            variant = klass.__dict__.get("recipe_variant")
-            if variant is not None:
-                values, source = variant.__func__(cls, config)
-                if key in values:
-                    return values[key], source
-            if key in klass.__dict__.get("recipe", {}):
-                sources = klass.__dict__.get("recipe_sources", {})
-                return klass.__dict__["recipe"][key], sources.get(key, klass.__dict__["recipe_source"])
-        raise KeyError(key)
+    def recipe_for(cls, config):
+        """{setting: (value, source)} for a checkpoint with model configuration `config`: this project's defaults,
+        the image size the checkpoint was made for, then the family's own recipe over them."""
+        recipe = {key: (value, Family.recipe_source) for key, value in Family.recipe.items()}
+        recipe["image_size"] = (config.vision_config.image_size, "the checkpoint's own configuration")
+        if cls is not Family:
+            recipe.update({key: (value, cls.recipe_sources.get(key, cls.recipe_source))
+                           for key, value in cls.recipe.items()})
+        return recipe
 
     def __init__(self, config, processor, prompt=""):
         """`config` is the checkpoint's model configuration, `processor` its processor, `prompt` the text every
@@ -71,6 +70,42 @@ class Family:
             raise UserError(f"--train-modules {names}: {cls.name} has no part named {', '.join(unknown) or 'so'} "
                             f"(its parts: {', '.join(cls.module_groups)}, or all)")
         return tuple(prefix for name in chosen for prefix in cls.module_groups[name])
+
+    # ---- image size (--image-size)
+
+    @classmethod
+    def vision_embeddings(cls, model):
+        """The module that holds the vision encoder's patch grid and position embeddings (BLIP's and BLIP-2's)."""
+        return core_model(model).vision_model.embeddings
+
+    @classmethod
+    def resize_images(cls, model, size):
+        """`model` made to see images of `size` pixels square (None: as it is): its vision position embeddings
+        interpolated (bicubic) to the new patch grid, the class position kept, and its configuration saying so, as
+        LAVIS does once when it fine-tunes BLIP-2's 224-px ViT at 364 (interpolate_pos_embed). Returns `model`."""
+        embeddings = cls.vision_embeddings(model)
+        if size is None or size == embeddings.image_size:
+            return model
+        patch = embeddings.patch_size
+        if size % patch:
+            raise UserError(f"--image-size {size}: must be a multiple of {cls.name}'s patch size, {patch} pixels")
+        table = embeddings.position_embedding.detach()  # (1, 1 + grid * grid, width)
+        old_grid, new_grid, width = embeddings.image_size // patch, size // patch, table.shape[-1]
+        grid = table[:, 1:].float().reshape(1, old_grid, old_grid, width).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, width).to(table.dtype)
+        trains = embeddings.position_embedding.requires_grad
+        embeddings.position_embedding = torch.nn.Parameter(torch.cat([table[:, :1], grid], dim=1), requires_grad=trains)
+        embeddings.image_size, embeddings.num_patches = size, new_grid * new_grid
+        embeddings.num_positions = embeddings.num_patches + 1
+        core_model(model).config.vision_config.image_size = size  # saved with the model: it loads at this size
+        return model
+
+    def use_image_size(self, model, size):
+        """Train or caption at `size` pixels: the model (resize_images) and the processor that feeds it."""
+        self.resize_images(model, size)
+        if size is not None:
+            self.processor.image_processor.size = {"height": size, "width": size}
 
     # ---- loading (no instance needed)
 

@@ -38,11 +38,12 @@ class Blip(Family):
     recipe_sources = {"label_smoothing": "LAVIS lavis/models/med.py (CrossEntropyLoss(label_smoothing=0.1))"}
 
     @classmethod
-    def recipe_variant(cls, config):
+    def recipe_for(cls, config):
         """BLIP-large (ViT-L, 1024 wide) is fine-tuned at a fifth of BLIP-base's rate."""
+        recipe = super().recipe_for(config)
         if config.vision_config.hidden_size >= 1024:
-            return dict(lr=2e-6), "LAVIS lavis/projects/blip/train/caption_coco_large_ft.yaml"
-        return {}, None
+            recipe["lr"] = (2e-6, "LAVIS lavis/projects/blip/train/caption_coco_large_ft.yaml")
+        return recipe
 
     @classmethod
     def load_model(cls, checkpoint, fused_attention=True):

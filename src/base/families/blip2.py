@@ -49,6 +49,16 @@ class Blip2(Family):
                                        "in the yaml: add vision)"}
 
     @classmethod
+    def recipe_for(cls, config):
+        """LAVIS fine-tunes the ViT-g that BLIP-2 pretrained at 224 px (patches of 14) at 364 px, its position
+        embeddings interpolated to the larger grid (Family.resize_images); other vision encoders keep their size."""
+        recipe = super().recipe_for(config)
+        vision = config.vision_config
+        if (vision.image_size, vision.patch_size, vision.hidden_size) == (224, 14, 1408):
+            recipe["image_size"] = (364, cls.recipe_source)
+        return recipe
+
+    @classmethod
     def load_model(cls, checkpoint):
         """fp32 weights, as every family's (blip2-opt-2.7b: 15.6 GB; --precision bf16-weights then casts all but the
         Q-Former and query tokens to bf16: about 8 GB); on a GPU with BLIP2_8BIT=1 the language model in 8 bits if

@@ -10,6 +10,7 @@ import torch
 from transformers import GitForCausalLM, GitProcessor
 from transformers.cache_utils import DynamicCache
 
+from ..helpers import UserError
 from ..modeling import core_model, load_pretrained, load_weights
 from .base import Family
 
@@ -28,6 +29,18 @@ class Git(Family):
     recipe_source = "microsoft/GenerativeImage2Text generativeimage2text/model.py"
     recipe_sources = {"label_smoothing": "microsoft/GenerativeImage2Text generativeimage2text/layers/decoder.py "
                                          "(SmoothLabelCrossEntropyLoss, eps=0.1)"}
+
+    @classmethod
+    def resize_images(cls, model, size):
+        """GIT's text layers count the image tokens of its configured size (image_patch_tokens): it keeps that size."""
+        own = core_model(model).config.vision_config.image_size
+        if size is not None and size != own:
+            raise UserError(f"--image-size {size}: GIT trains and captions at its checkpoint's {own} px only (its text "
+                            f"layers count the image tokens of that size)")
+        return model
+
+    def use_image_size(self, model, size):
+        self.resize_images(model, size)  # its processor already resizes and crops to that size
 
     @classmethod
     def load_model(cls, checkpoint):
