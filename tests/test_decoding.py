@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import FAST, run_module
 from src.base import decoding
@@ -174,3 +175,24 @@ def test_tune_decoding_needs_two_validation_images_to_hold_one_out(ft_run, demo_
                         demo_data, "--split", "val", "--tune-decoding", "--val-max-images", "1", *FAST, check=False)
     assert result.returncode == 2 and "--val-max-images" in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "decoding.json").exists()
+
+
+def test_captions_cut_short_by_the_length_cap_are_counted_in_the_log(ft_run, demo_data, tmp_path):
+    """A caption that reaches --max-new-tokens before its end token is cut mid-sentence: the log counts them, so a
+    cap too short for the data (VizWiz's references are longer than COCO's) shows in the first validation."""
+    from src.base.families import load_family
+    family = load_family(str(ft_run / "best_model"), "a picture of")
+    prefix, end, word = family.prefix, family.end_id, family.word_ids(["box"])[0][0]
+    rows = torch.tensor([prefix + [word, end, family.pad_id], prefix + [word, word, word], prefix + [end, word, word]])
+    assert family.cut_short(rows) == [False, True, False]
+    longer = [prefix[0], word] + prefix[1:]  # an image with one OCR word in its prefix
+    assert family.cut_short(torch.tensor([longer + [word, end]]), torch.tensor([len(longer)])) == [False]
+    for cap in (2, 20):
+        run_module("src.ft.test", "--output-dir", tmp_path / str(cap), "--checkpoint", ft_run / "best_model",
+                   "--data-dir", demo_data, "--split", "val", *FAST, "--max-new-tokens", str(cap))
+    captions = json.loads((tmp_path / "20" / "val_captions.json").read_text())
+    images = len(with_captions(load_split(demo_data, "val")))
+    cut = f"{images} of {images} captions reached --max-new-tokens 2 before their end token"
+    assert cut in (tmp_path / "2" / "test.log").read_text()
+    assert "reached --max-new-tokens" not in (tmp_path / "20" / "test.log").read_text()  # measured: none at 20
+    assert max(len(c["caption"].split()) for c in captions) < 20

@@ -58,6 +58,23 @@ def test_cli_agrees_exactly_with_pycocoevalcap(tmp_path):
     assert 0 < ours["CIDEr"] < 10
 
 
+def test_one_meteor_java_scores_every_scoring_of_a_process_as_a_new_one_would(tmp_path):
+    """METEOR's Java takes seconds to load its tables: a process starts it once and reuses it (every --val-meteor
+    validation); later scorings give what a fresh scorer gives, and one that died is started again."""
+    from src.base import evaluate
+    _, references, predictions = _predictions(tmp_path)
+    first = score_captions(references, predictions)[0]["METEOR"]
+    java = evaluate._meteor().meteor_p
+    other = dict(zip(predictions, reversed(list(predictions.values()))))
+    again = score_captions(references, other)[0]["METEOR"]
+    assert evaluate._meteor().meteor_p is java and java.poll() is None
+    assert again == _direct_pycocoevalcap(references, other)["METEOR"] != first
+    java.kill()
+    java.wait()
+    assert score_captions(references, predictions)[0]["METEOR"] == first
+    assert evaluate._meteor().meteor_p is not java
+
+
 def test_cli_reports_missing_predictions_in_one_line(tmp_path):
     path, _, _ = _predictions(tmp_path)
     entries = json.loads(path.read_text())[1:]

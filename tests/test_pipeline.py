@@ -78,11 +78,12 @@ def test_lora_adapts_a_pretrained_captioner(tmp_path, pretrained_tiny, demo_data
                                      pretrained_tiny, "--split", "val", "--data-dir", demo_data))
     out = tmp_path / "peft"
     result = run_module("src.peft.train", "--data-dir", demo_data, "--checkpoint", pretrained_tiny, "--output-dir", out,
-                        *FAST, "--lr", "3e-3", "--eval-every", "100", "--max-steps", "500")
+                        *FAST, "--lr", "1e-2", "--eval-every", "30", "--max-steps", "150")
     assert "trainable params: 8,192 ||" in result.stdout
     assert "|| training LoRA adapters (r=8, alpha=32) on query, value" in result.stdout
     best = max(m["CIDEr"] for m in read_metrics(out))
-    # LoRA on query/value of a 2-layer, 64-wide decoder adapts slowly (about +0.4 to +0.9 CIDEr-D here)
+    # LoRA on query/value of a 2-layer, 64-wide decoder adapts slowly (measured: 0.59 zero-shot, best 1.28 at step 60;
+    # at 3e-3 for 500 steps 1.35)
     assert best > zero_shot + 0.3, (zero_shot, best)
     # best_model/ is only the adapter, loaded over the base checkpoint it names
     assert (out / "best_model" / "adapter_config.json").is_file()

@@ -91,10 +91,13 @@ def draw_candidates(model, pixel_values, prefixes, family, config):
     --num-beams of them: returning them costs nothing more than the beam search itself), or with --mbr N the
     min(N, --num-beams) best beams and N minus that many samples drawn at temperature MBR_TEMPERATURE. The beams
     are the model's strongest guesses, the samples the spread of what it might say: consensus over the pool can
-    only replace the top beam by a caption the samples agree with more (see consensus.py)."""
+    only replace the top beam by a caption the samples agree with more (see consensus.py).
+    Returns them with how many images' best beams reached --max-new-tokens before their end token (cut short)."""
     beams = min(config.mbr, config.num_beams) if config.mbr else config.num_beams
-    captions = family.decode(*family.generate_from(model, pixel_values, prefixes, num_return_sequences=beams,
-                                                   **decoding_settings(config)))
+    sequences, prefix_lengths = family.generate_from(model, pixel_values, prefixes, num_return_sequences=beams,
+                                                     **decoding_settings(config))
+    captions = family.decode(sequences, prefix_lengths)
+    cut = sum(family.cut_short(sequences[::beams], None if prefix_lengths is None else prefix_lengths[::beams]))
     drawn = [[{"caption": c, "source": "beam"} for c in captions[i * beams: (i + 1) * beams]]
              for i in range(pixel_values.shape[0])]
     samples = config.mbr - beams if config.mbr else 0
@@ -103,13 +106,14 @@ def draw_candidates(model, pixel_values, prefixes, family, config):
                                                     config.max_new_tokens, temperature=C.MBR_TEMPERATURE))
         for i, image in enumerate(drawn):
             image += [{"caption": c, "source": "sample"} for c in sampled[i * samples: (i + 1) * samples]]
-    return drawn
+    return drawn, cut
 
 
 def caption_records(model, records, transform, family, config, device, precision, desc, stop=None, rounds=None,
                     candidates=False):
-    """Generate one caption per record, batched. Returns ({image_id: caption}, [bad image messages]); with
-    `candidates`, {image_id: [candidates]} (draw_candidates) instead of a caption.
+    """Caption each record (its best beam), batched. Returns ({image_id: caption}, [bad image messages]); with
+    `candidates`, {image_id: [candidates]} (draw_candidates) instead of a caption. Logs how many captions were cut
+    short by --max-new-tokens.
 
     `stop`, if given, is asked before each batch; a true answer raises Interrupted. `rounds`: ask it this many times
     in all, batches or not (with several processes it is a collective question, asked as often by each of them).
@@ -118,7 +122,7 @@ def caption_records(model, records, transform, family, config, device, precision
     loader = make_loader(ImageSet(records, transform, ocr.prefixes(family, records, config)), num_workers(config),
                          collate_images, batch_size=config.eval_batch_size)
     model.eval()
-    predictions, bad = {}, []
+    predictions, bad, cut_short = {}, [], 0
     batches = iter(loader)
     with ProgressBar(len(records), desc, "image", leave=False) as bar:
         for _ in range(max(rounds or 0, len(loader))):
@@ -134,13 +138,14 @@ def caption_records(model, records, transform, family, config, device, precision
             bad.extend(batch["bad"])
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             with autocast(precision, device):
-                if candidates:
-                    captions = draw_candidates(model, pixel_values, batch["prefixes"], family, config)
-                else:
-                    captions = family.decode(*family.generate_from(model, pixel_values, batch["prefixes"],
-                                                                   **decoding_settings(config)))
-            predictions.update(zip(batch["image_ids"], captions))
+                drawn, cut = draw_candidates(model, pixel_values, batch["prefixes"], family, config)
+            predictions.update(zip(batch["image_ids"], drawn if candidates else [d[0]["caption"] for d in drawn]))
+            cut_short += cut
             bar.update(len(batch["image_ids"]))
+    if cut_short:  # VizWiz's references run longer than COCO's, for which the recipes' caps were set
+        log.info(f"{desc}: {cut_short} of {len(records)} captions reached --max-new-tokens {config.max_new_tokens} "
+                 f"before their end token and were cut short ({cut_short / len(records):.1%}; test --tune-decoding "
+                 f"tries longer caps)")
     return predictions, bad
 
 

@@ -13,6 +13,7 @@ tokenisation is done in Python (src/base/ptb.py) and METEOR and SPICE are report
 """
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,9 +97,18 @@ def _tokenized_references(references, use_java):
     return {i: list(tokens) for i, tokens in _REFERENCES_CACHE[key].items()}
 
 
+_METEOR = {}  # this process's METEOR scorer, by process id (a forked child starts its own)
+
+
 def _meteor():
+    """pycocoevalcap's METEOR scorer, one per process, reused: its Java loads 2 GB of paraphrase tables (about 10
+    CPU-seconds) before it scores anything, then answers each later scoring in milliseconds (every --val-meteor
+    validation of a run). It exits when this process does (end of its input) or is replaced if it died."""
     from pycocoevalcap.meteor.meteor import Meteor
-    return Meteor()
+    scorer = _METEOR.get(os.getpid())
+    if scorer is None or scorer.meteor_p.poll() is not None:
+        scorer = _METEOR[os.getpid()] = Meteor()
+    return scorer
 
 
 def _spice():

@@ -59,7 +59,6 @@ class Family:
         self.config, self.processor, self.tokenizer = config, processor, processor.tokenizer
         self.prompt = prompt.strip()
         self.prefix = self.start_ids() + (self.word_ids([self.prompt])[0] if self.prompt else [])
-        self.start_rows = None  # the prefix of each image while generate_from / sample_from run (see first_tokens)
 
     @classmethod
     def module_prefixes(cls, names):
@@ -193,24 +192,27 @@ class Family:
         raise NotImplementedError
 
     @torch.no_grad()
-    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, **decoding):
-        """Token ids of one caption per image (beam search or greedy), each row starting with `prefix`.
-        Extra `decoding` settings (length_penalty, repetition_penalty, ...) go to transformers' generate()."""
+    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, starts=None, **decoding):
+        """Token ids of one caption per image (beam search or greedy), each row starting with `prefix` (or its image's
+        row of `starts`: first_tokens). Extra `decoding` settings (length_penalty, repetition_penalty,
+        num_return_sequences, ...) go to transformers' generate()."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0):
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0,
+               starts=None):
         """`samples_per_image` captions per image drawn from softmax(logits / temperature) with no other
-        truncation (or greedy), rows grouped by image, each starting with `prefix`. `image_features` come from
-        encode_images."""
+        truncation (or greedy), rows grouped by image, each starting with `prefix` (or its image's row of `starts`).
+        `image_features` come from encode_images."""
         raise NotImplementedError
 
-    def first_tokens(self, rows, device=None):
-        """The prefix every generated row starts from [rows, prefix tokens]: the family's, or while generate_from /
-        sample_from run, each image's own (all of one length), repeated for the rows of each image."""
-        if self.start_rows is None:
+    def first_tokens(self, rows, device=None, starts=None):
+        """The tokens every generated row starts from [rows, prefix tokens]: the family's `prefix`, or each image's
+        own (`starts`: one prefix per image, all of one length; generate_from and sample_from pass them), repeated for
+        the rows of each image."""
+        if starts is None:
             return torch.tensor([self.prefix], device=device).expand(rows, -1)
-        starts = torch.tensor(self.start_rows, device=device)
+        starts = torch.tensor(starts, device=device)
         return starts.repeat_interleave(rows // starts.shape[0], dim=0)
 
     def generate_from(self, model, pixel_values, prefixes=None, **settings):
@@ -218,31 +220,28 @@ class Family:
         Returns (sequences, each row's prefix length, or None without `prefixes`)."""
         if prefixes is None:
             return self.generate(model, pixel_values, **settings), None
-        return self._by_prefix_length(prefixes, lambda images: self.generate(model, pixel_values[images], **settings))
+        return self._by_prefix_length(prefixes, lambda images, starts: self.generate(
+            model, pixel_values[images], starts=starts, **settings))
 
     def sample_from(self, model, image_features, prefixes, samples_per_image, max_new_tokens, **settings):
         """sample() with each image starting from its own prefix (`prefixes`, --ocr; None: the family's).
         Returns (sequences, each row's prefix length, or None without `prefixes`)."""
         if prefixes is None:
             return self.sample(model, image_features, samples_per_image, max_new_tokens, **settings), None
-        return self._by_prefix_length(prefixes, lambda images: self.sample(
-            model, image_features[images], samples_per_image, max_new_tokens, **settings))
+        return self._by_prefix_length(prefixes, lambda images, starts: self.sample(
+            model, image_features[images], samples_per_image, max_new_tokens, starts=starts, **settings))
 
     def _by_prefix_length(self, prefixes, run):
-        """`run(image indices)` once per prefix length, for the images whose prefixes have that length: no prefix is
-        padded, so a row is generated exactly as it would be alone (left padding would shift the positions of GIT's
-        and BLIP's absolute position embeddings). Rows are put back in image order (an image's rows together),
-        right-padded with pad_id; returns them with each row's prefix length."""
+        """`run(image indices, their prefixes)` once per prefix length, for the images whose prefixes have that length:
+        no prefix is padded, so a row is generated exactly as it would be alone (left padding would shift the
+        positions of GIT's and BLIP's absolute position embeddings). Rows are put back in image order (an image's rows
+        together), right-padded with pad_id; returns them with each row's prefix length."""
         groups = {}
         for image, prefix in enumerate(prefixes):
             groups.setdefault(len(prefix), []).append(image)
         rows_of, width = {}, 0
         for images in groups.values():
-            self.start_rows = [prefixes[i] for i in images]
-            try:
-                sequences = run(torch.tensor(images))
-            finally:
-                self.start_rows = None
+            sequences = run(torch.tensor(images), [prefixes[i] for i in images])
             per_image = sequences.shape[0] // len(images)
             for k, image in enumerate(images):
                 rows_of[image] = sequences[k * per_image: (k + 1) * per_image]
@@ -257,12 +256,12 @@ class Family:
             start += r.shape[0]
         return sequences, torch.tensor(lengths, device=sequences.device)
 
-    def draw_tokens(self, rows, max_new_tokens, next_logits, greedy=False, temperature=1.0, device=None):
+    def draw_tokens(self, rows, max_new_tokens, next_logits, greedy=False, temperature=1.0, device=None, starts=None):
         """The token-by-token loop that families with their own cached decoding share (GIT, BLIP-2): `rows`
-        sequences start with `prefix`; `next_logits(tokens, first)` feeds `tokens` (the prefix first, then each drawn
-        token) and returns the logits of the last position. Greedy, or sampled from softmax(logits / temperature);
-        rows that have ended are padded."""
-        sequences = self.first_tokens(rows, device)
+        sequences start with `prefix` (or `starts`: first_tokens); `next_logits(tokens, first)` feeds `tokens` (the
+        prefix first, then each drawn token) and returns the logits of the last position. Greedy, or sampled from
+        softmax(logits / temperature); rows that have ended are padded."""
+        sequences = self.first_tokens(rows, device, starts)
         step, ended = sequences, torch.zeros(rows, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
             logits = next_logits(step, i == 0).float()
@@ -294,6 +293,12 @@ class Family:
         logits = self.token_logits(model, features, batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100, label_smoothing=label_smoothing)
+
+    def cut_short(self, sequences, prefix_lengths=None):
+        """For each generated row, whether it has no end token after its prefix: generation stopped at
+        max_new_tokens in mid-caption."""
+        return [self.end_id not in row[len(self.prefix) if prefix_lengths is None else int(prefix_lengths[i]):]
+                for i, row in enumerate(sequences.tolist())]
 
     def generated_mask(self, sequences, prefix_lengths=None, max_new_tokens=None):
         """Which tokens of sampled sequences the model chose: after the prefix (each row's own: `prefix_lengths`),

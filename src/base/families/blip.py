@@ -76,24 +76,27 @@ class Blip(Family):
         return core_model(model).text_decoder(input_ids=input_ids, attention_mask=attention_mask,
                                               encoder_hidden_states=image_features, use_cache=False).logits
 
-    def _decode_from_prefix(self, model, image_features, **settings):
-        """The text decoder's generate() from `prefix`, as BlipForConditionalGeneration.generate() calls it."""
-        start = self.first_tokens(image_features.shape[0], image_features.device)
+    def _decode_from_prefix(self, model, image_features, starts=None, **settings):
+        """The text decoder's generate() from `prefix` (or `starts`), as BlipForConditionalGeneration.generate() calls
+        it."""
+        start = self.first_tokens(image_features.shape[0], image_features.device, starts)
         return core_model(model).text_decoder.generate(
             input_ids=start, eos_token_id=self.end_id, pad_token_id=self.pad_id, encoder_hidden_states=image_features,
             encoder_attention_mask=torch.ones(image_features.shape[:2], dtype=torch.long, device=image_features.device),
             **settings)
 
     @torch.no_grad()
-    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, **decoding):
-        return self._decode_from_prefix(model, self.encode_images(model, pixel_values), num_beams=num_beams,
+    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, starts=None, **decoding):
+        return self._decode_from_prefix(model, self.encode_images(model, pixel_values), starts, num_beams=num_beams,
                                         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                         do_sample=False, **decoding)
 
     @torch.no_grad()
-    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0):
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0,
+               starts=None):
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, top_p=1.0, temperature=temperature)
-        return self._decode_from_prefix(model, image_features.repeat_interleave(samples_per_image, dim=0), num_beams=1,
+        return self._decode_from_prefix(model, image_features.repeat_interleave(samples_per_image, dim=0), starts,
+                                        num_beams=1,
                                         max_new_tokens=max_new_tokens, min_new_tokens=0, **sampling)
 
 

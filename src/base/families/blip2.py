@@ -127,11 +127,11 @@ class Blip2(Family):
         return logits[:, image_features.shape[1]:].float()
 
     @torch.no_grad()
-    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, **decoding):
+    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, starts=None, **decoding):
         """The language model's generate() from [queries ; prefix], as Blip2ForConditionalGeneration.generate() runs
         it, with the images encoded here (no <image> placeholders needed: older checkpoints' configs have none)."""
         features = self.encode_images(model, pixel_values)
-        start = self.first_tokens(features.shape[0], features.device)
+        start = self.first_tokens(features.shape[0], features.device, starts)
         embeds, mask = self._inputs(model, features, start, torch.ones_like(start))
         new = core_model(model).language_model.generate(
             inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
@@ -141,7 +141,8 @@ class Blip2(Family):
         return torch.cat([start.repeat_interleave(new.shape[0] // start.shape[0], dim=0), new], dim=1)
 
     @torch.no_grad()
-    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0):
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0,
+               starts=None):
         """Token by token with a key/value cache over [queries ; prefix]; rows that have ended are padded."""
         language_model = core_model(model).language_model
         features = image_features.repeat_interleave(samples_per_image, dim=0)
@@ -159,7 +160,8 @@ class Blip2(Family):
             logits[:, self.never_generated] = float("-inf")
             return logits
 
-        return self.draw_tokens(features.shape[0], max_new_tokens, next_logits, greedy, temperature, features.device)
+        return self.draw_tokens(features.shape[0], max_new_tokens, next_logits, greedy, temperature, features.device,
+                                starts)
 
 
 def eight_bit_options():

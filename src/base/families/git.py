@@ -100,15 +100,16 @@ class Git(Family):
         return core_model(model).output(self._hidden_states(model, image_features, input_ids, attention_mask))
 
     @torch.no_grad()
-    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, **decoding):
-        start = self.first_tokens(pixel_values.shape[0], pixel_values.device)
+    def generate(self, model, pixel_values, num_beams=3, max_new_tokens=30, min_new_tokens=0, starts=None, **decoding):
+        start = self.first_tokens(pixel_values.shape[0], pixel_values.device, starts)
         return core_model(model).generate(
             pixel_values=pixel_values, input_ids=start, attention_mask=torch.ones_like(start), num_beams=num_beams,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
             eos_token_id=self.end_id, pad_token_id=self.pad_id, **decoding)
 
     @torch.no_grad()
-    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0):
+    def sample(self, model, image_features, samples_per_image, max_new_tokens, greedy=False, temperature=1.0,
+               starts=None):
         """Token by token with a key/value cache over the once-encoded image (transformers' generate() would encode
         it again per sample); rows that have ended are padded."""
         features = image_features.repeat_interleave(samples_per_image, dim=0)
@@ -118,4 +119,5 @@ class Git(Family):
             return core_model(model).output(
                 self._hidden_states(model, features, tokens, torch.ones_like(tokens), cache)[:, -1])
 
-        return self.draw_tokens(features.shape[0], max_new_tokens, next_logits, greedy, temperature, features.device)
+        return self.draw_tokens(features.shape[0], max_new_tokens, next_logits, greedy, temperature, features.device,
+                                starts)
