@@ -374,7 +374,7 @@ def bench_captioning(args, device, precision, ours):
         if ours:  # the real validation/test path: DataLoader workers decode, batched generate()
             records = [ImageRecord(i, path) for i, path in enumerate(paths)]
             settings = SimpleNamespace(eval_batch_size=args.caption_batch, num_workers=default_num_workers(),
-                                       strict=False, ocr=False, **{k: v for k, v in kwargs.items()})
+                                       strict=False, ocr=False, mbr=0, **kwargs)
             caption_records(model, records, transform, family, settings, device, precision, "captioning")
         else:  # the template: the processor on a full-size decode, one image per generate() call
             for path in paths:

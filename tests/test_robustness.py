@@ -559,3 +559,44 @@ def test_wrapper_runs_with_plain_bash_on_a_workstation():
     assert result.returncode == 0 and "--output-dir" in result.stdout, result.stderr
     result = subprocess.run(["bash", "test.sh", "neither"], cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "usage: test.sh ft|peft" in result.stderr
+
+
+# a run whose fourth training step fails with an error nothing handles (as a CUDA out-of-memory error would)
+CRASH_AT_STEP_4 = r"""
+import sys
+sys.path.insert(0, ".")
+import src.base.engine as engine
+from src.base.main import train_main
+from src.ft.method import METHOD
+step = engine.training_step
+calls = []
+
+def crashing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 4:
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+    return step(*args, **kwargs)
+
+engine.training_step = crashing
+raise SystemExit(train_main(METHOD, sys.argv[1:]))
+"""
+
+
+def test_a_crash_with_data_loader_workers_running_exits_at_once_with_its_error(tmp_path, tiny_blip, demo_data):
+    """The workers ignore the scheduler's stop signals, so the SIGTERM multiprocessing ends daemon children with at
+    exit did not end them, and a run that crashed waited for them forever (the job hung until its time limit).
+    Now it exits with the error (status 1), and nothing of it is left running."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_AT_STEP_4)
+    run = subprocess.Popen([sys.executable, str(script), "--data-dir", str(demo_data), "--checkpoint", str(tiny_blip),
+                            "--output-dir", str(tmp_path / "run"), *FAST[:2], "--num-workers", "2", "--max-steps", "20",
+                            "--no-eval-at-start"], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = run.communicate(timeout=120)  # measured: 7 s; before, no end
+    finally:
+        os.killpg(run.pid, signal.SIGKILL) if run.poll() is None else None
+    assert run.returncode == 1 and "RuntimeError: CUDA out of memory (a stand-in)" in stderr, stderr[-2000:]
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-s", str(run.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the run still running: {left}"

@@ -10,9 +10,12 @@ requeued: SGE reruns the identical command line, with the same JOB_ID. So:
 - a requeued job resumes the run its first start began, even if its command line says --fresh (`current_job`);
 - one run directory has one writer at a time (`RunLock`).
 """
+import atexit
 import errno
 import fcntl
 import json
+import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so end_workers_at_exit's runs first
 import os
 import signal
 import socket
@@ -63,6 +66,28 @@ def ignore_stop_signals(*_):
     start methods workers inherit no handlers at all: this covers them too."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def end_workers_at_exit():
+    """Make sure the process can exit while DataLoader workers that ignore the stop signals are still running. An
+    error that escapes a run leaves its loaders (their workers persist between epochs) referenced by the traceback;
+    at exit multiprocessing ends daemon children with SIGTERM, which they ignore, then waits for them forever: the job
+    would hang until the scheduler's time limit. This exit handler runs before multiprocessing's (handlers run last
+    registered first) and kills them: they hold nothing to save. Registered once, by make_loader."""
+    global _ENDING_WORKERS
+    if not _ENDING_WORKERS:
+        atexit.register(_kill_daemon_children)
+        _ENDING_WORKERS = True
+
+
+_ENDING_WORKERS = False
+
+
+def _kill_daemon_children():
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 @contextmanager
