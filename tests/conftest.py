@@ -110,20 +110,32 @@ OTHER_SET_CE = [*FAST, "--eval-batch-size", "64", "--lr", "1e-3", "--eval-every"
 
 
 @pytest.fixture(scope="session")
-def other_set_ce_run(tmp_path_factory):
-    """kind -> (data dir, tiny BLIP, cross-entropy run dir) for a synthetic set made by another generator than the
-    demo's (scripts/synthetic_sets.py "objects" or "layout"), with its own tiny BLIP; each made once per session."""
+def other_set(tmp_path_factory):
+    """kind -> (data dir, tiny BLIP) for a synthetic set made by another generator than the demo's
+    (scripts/synthetic_sets.py "objects" or "layout"), with its own tiny BLIP; each made once per session."""
     from scripts.synthetic_sets import make_set, texts
     made = {}
 
     def get(kind):
         if kind not in made:
             root = tmp_path_factory.mktemp(kind)
-            data = make_set(kind, root / "data", train=240, val=200, test=2, seed=7)
-            model = make_tiny_blip(root / "tiny", texts=texts(kind), seed=3)
-            run_module("src.ft.train", "--data-dir", data, "--checkpoint", model, "--output-dir", root / "ce",
-                       *OTHER_SET_CE)
-            made[kind] = data, model, root / "ce"
+            made[kind] = (make_set(kind, root / "data", train=240, val=200, test=2, seed=7),
+                          make_tiny_blip(root / "tiny", texts=texts(kind), seed=3))
+        return made[kind]
+    return get
+
+
+@pytest.fixture(scope="session")
+def other_set_ce_run(tmp_path_factory, other_set):
+    """kind -> (data dir, tiny BLIP, cross-entropy run dir): other_set(kind) and a cross-entropy run on it."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            data, model = other_set(kind)
+            out = tmp_path_factory.mktemp(kind + "-ce") / "ce"
+            run_module("src.ft.train", "--data-dir", data, "--checkpoint", model, "--output-dir", out, *OTHER_SET_CE)
+            made[kind] = data, model, out
         return made[kind]
     return get
 

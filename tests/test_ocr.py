@@ -111,7 +111,7 @@ def test_scst_samples_and_scores_from_each_images_prefix(tiny_blip):
     started_from, sample = [], family.sample
 
     def watched_sample(model, features, samples_per_image, *args, **kwargs):
-        started_from.append(family.first_tokens(features.shape[0] * samples_per_image).tolist())
+        started_from.append(family.first_tokens(features.shape[0] * samples_per_image, starts=kwargs.get("starts")).tolist())
         return sample(model, features, samples_per_image, *args, **kwargs)
     family.sample = watched_sample
     objective = SelfCritical(family, [ImageRecord(i, None, ["a red circle"]) for i in range(3)], samples=2,

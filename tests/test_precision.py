@@ -89,21 +89,24 @@ def test_first_steps_follow_fp32_within_bf16_tolerance(tiny_blip):
 
 
 @pytest.mark.parametrize("kind", ["demo", "objects"])
-def test_bf16_weights_learn_what_fp32_learns(kind, ft_run, demo_data, tiny_blip, other_set_ce_run, tmp_path):
+def test_bf16_weights_learn_what_fp32_learns(kind, ft_run, demo_data, tiny_blip, other_set, tmp_path):
     """The same run as an fp32 cross-entropy run (same seed and data), in bf16-weights, on the demo's set and on a
     set made by another generator; the saved state and best model hold the fp32 copies."""
-    if kind == "demo":  # ft_run: conftest's, the demo's fp32 run with these flags
+    if kind == "demo":  # ft_run: conftest's, the demo's fp32 run with these flags (the demo's set learns slowly)
         data, model, fp32_run = demo_data, tiny_blip, ft_run
         flags = [*FAST, "--lr", "1e-3", "--eval-every", "50", "--max-steps", "300"]
-    else:
-        (data, model, fp32_run), flags = other_set_ce_run(kind), OTHER_SET_CE
+    else:  # this set learns in 120 steps what 300 give (measured: fp32 2.05 at 120, 2.06 at 300): both runs here
+        (data, model), fp32_run = other_set(kind), tmp_path / "fp32"
+        flags = [*OTHER_SET_CE[:OTHER_SET_CE.index("--eval-every")], "--eval-every", "40", "--max-steps", "120",
+                 "--prompt", "", "--warmup-ratio", "0.05"]
+        run_module("src.ft.train", "--data-dir", data, "--checkpoint", model, "--output-dir", fp32_run, *flags)
     out = tmp_path / "bf16-weights"
     run_module("src.ft.train", "--data-dir", data, "--checkpoint", model, "--output-dir", out, *flags,
                "--precision", "bf16-weights")
     fp32, bf16 = read_metrics(fp32_run), read_metrics(out)
     assert [m["step"] for m in bf16] == [m["step"] for m in fp32]
     untrained, best_fp32, best_bf16 = bf16[0]["CIDEr"], max(m["CIDEr"] for m in fp32), max(m["CIDEr"] for m in bf16)
-    # measured: demo 0.19 untrained, fp32 2.40, bf16-weights 2.61; objects 0.22, 2.06, 2.13
+    # measured: demo 0.19 untrained, fp32 2.40, bf16-weights 2.61; objects (120 steps) 0.21, 2.05, 1.98
     assert best_bf16 > untrained + 1.0 and best_bf16 > best_fp32 - 0.3, (untrained, best_fp32, best_bf16)
     saved = [load_file(out / "state" / "trainable.safetensors"), load_file(out / "best_model" / "model.safetensors")]
     assert all(t.dtype == torch.float32 for weights in saved for t in weights.values())
