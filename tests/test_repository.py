@@ -37,3 +37,18 @@ def test_the_fixtures_are_not_git_ignored():
     assert len(files) > 15
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=REPO, capture_output=True, text=True)
     assert ignored.returncode == 1 and not ignored.stdout, f".gitignore keeps these out of a clone:\n{ignored.stdout}"
+
+
+def test_no_committed_link_leads_out_of_the_repository_and_no_environment_is_committed():
+    """A clone must be whole by itself: a committed symbolic link to something outside it (once, a worktree's link
+    to this machine's .venv) would be dangling in every other clone, and setup_env.sh would fail to make .venv."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t", 1)[1] for line in tracked.splitlines() if line.startswith("120000 ")]
+    outside = [link for link in links if not os.path.realpath(REPO / link).startswith(str(REPO.resolve()) + os.sep)]
+    assert not outside, f"committed links that lead out of the repository: {outside}"
+    names = [line.split("\t", 1)[1] for line in tracked.splitlines()]
+    assert not [n for n in names if n.split("/")[0] in (".venv", "venv")], "a virtual environment is committed"
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", ".venv"], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.strip() == ".venv"  # ignored as a link too, not only as a folder ('.venv/')
