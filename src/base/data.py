@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from . import constants as C
 from .helpers import UserError, log
-from .jobs import end_workers_at_exit, ignore_stop_signals
+from .jobs import ignore_stop_signals
 
 SPLITS = ("train", "val", "test")
 
@@ -476,8 +476,6 @@ def make_loader(dataset, num_workers, collate_fn, batch_sampler=None, batch_size
     global one would shift the dropout random numbers of a resumed run. Its workers ignore the stop signals, which
     the scheduler sends to the whole process group: the main process handles them (jobs.py).
     """
-    if num_workers > 0:
-        end_workers_at_exit()
     return torch.utils.data.DataLoader(
         dataset,
         generator=torch.Generator(),

@@ -15,7 +15,7 @@ import errno
 import fcntl
 import json
 import multiprocessing
-import multiprocessing.util  # registers its exit handler now, so end_workers_at_exit's runs first
+import multiprocessing.util  # registers its exit handler now, so _kill_daemon_workers' runs first
 import os
 import signal
 import socket
@@ -68,26 +68,18 @@ def ignore_stop_signals(*_):
         signal.signal(s, signal.SIG_IGN)
 
 
-def end_workers_at_exit():
-    """Make sure the process can exit while DataLoader workers that ignore the stop signals are still running. An
+def _kill_daemon_workers():
+    """At exit: kill the DataLoader workers still running. They ignore the stop signals (ignore_stop_signals), and an
     error that escapes a run leaves its loaders (their workers persist between epochs) referenced by the traceback;
-    at exit multiprocessing ends daemon children with SIGTERM, which they ignore, then waits for them forever: the job
-    would hang until the scheduler's time limit. This exit handler runs before multiprocessing's (handlers run last
-    registered first) and kills them: they hold nothing to save. Registered once, by make_loader."""
-    global _ENDING_WORKERS
-    if not _ENDING_WORKERS:
-        atexit.register(_kill_daemon_children)
-        _ENDING_WORKERS = True
-
-
-_ENDING_WORKERS = False
-
-
-def _kill_daemon_children():
+    multiprocessing's own exit handler ends daemon children with SIGTERM, which they ignore, then waits for them
+    forever: the job would hang until the scheduler's time limit. They hold nothing to save."""
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
             child.join()
+
+
+atexit.register(_kill_daemon_workers)  # after multiprocessing.util's (imported above): exit handlers run last first
 
 
 @contextmanager

@@ -77,11 +77,11 @@ def load_captioner(checkpoint):
     """The full captioning model of `checkpoint`, whatever its family (trained modules: over their base), at the image
     size it was trained at."""
     family = family_class(model_config(checkpoint))
-    size = trained_with(checkpoint).get("image_size")
-    if is_trained_modules(checkpoint):  # resized first: the trained weights may include the position embeddings
-        return load_trained_modules(family.resize_images(family.load_model(base_checkpoint(checkpoint)), size),
-                                    checkpoint)
-    return family.resize_images(family.load_model(checkpoint), size)
+    parts_only = is_trained_modules(checkpoint)
+    model = family.load_model(base_checkpoint(checkpoint) if parts_only else checkpoint)
+    # resized before the trained parts go in: they may include the position embeddings
+    family.resize_images(model, trained_with(checkpoint).get("image_size"))
+    return load_trained_modules(model, checkpoint) if parts_only else model
 
 
 # what a checkpoint's TRAINED_WITH gives a run or test that starts from it (before its family's recipe)

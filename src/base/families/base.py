@@ -48,9 +48,8 @@ class Family:
         the image size the checkpoint was made for, then the family's own recipe over them."""
         recipe = {key: (value, Family.recipe_source) for key, value in Family.recipe.items()}
         recipe["image_size"] = (config.vision_config.image_size, "the checkpoint's own configuration")
-        if cls is not Family:
-            recipe.update({key: (value, cls.recipe_sources.get(key, cls.recipe_source))
-                           for key, value in cls.recipe.items()})
+        recipe.update({key: (value, cls.recipe_sources.get(key, cls.recipe_source))
+                       for key, value in cls.recipe.items()})
         return recipe
 
     def __init__(self, config, processor, prompt=""):
@@ -167,8 +166,7 @@ class Family:
         and the text is written the way reference captions are (see text.py).
         Validation, test and the SCST reward all read captions through this one function."""
         captions = []
-        for i, row in enumerate(sequences.tolist() if torch.is_tensor(sequences) else sequences):
-            words = row[len(self.prefix) if prefix_lengths is None else int(prefix_lengths[i]):]
+        for words in self._after_prefix(sequences, prefix_lengths):
             if self.end_id in words:
                 words = words[: words.index(self.end_id)]
             # pinned off: tokenizers saved by transformers 4.x turn it on, merging "says ' open ' on" to "says'open'on"
@@ -297,8 +295,13 @@ class Family:
     def cut_short(self, sequences, prefix_lengths=None):
         """For each generated row, whether it has no end token after its prefix: generation stopped at
         max_new_tokens in mid-caption."""
-        return [self.end_id not in row[len(self.prefix) if prefix_lengths is None else int(prefix_lengths[i]):]
-                for i, row in enumerate(sequences.tolist())]
+        return [self.end_id not in tokens for tokens in self._after_prefix(sequences, prefix_lengths)]
+
+    def _after_prefix(self, sequences, prefix_lengths=None):
+        """The token ids of each row after its prefix (the family's, or the first `prefix_lengths[row]`)."""
+        rows = sequences.tolist() if torch.is_tensor(sequences) else sequences
+        return [row[len(self.prefix) if prefix_lengths is None else int(prefix_lengths[i]):]
+                for i, row in enumerate(rows)]
 
     def generated_mask(self, sequences, prefix_lengths=None, max_new_tokens=None):
         """Which tokens of sampled sequences the model chose: after the prefix (each row's own: `prefix_lengths`),
