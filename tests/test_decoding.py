@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FAST, run_module
+from conftest import FAST, REPO, run_module
 from src.base import decoding
 from src.base.checkpoint import weights_fingerprint
 from src.base.data import load_split, with_captions
@@ -186,6 +186,12 @@ def test_captions_cut_short_by_the_length_cap_are_counted_in_the_log(ft_run, dem
     rows = torch.tensor([prefix + [word, end, family.pad_id], prefix + [word, word, word], prefix + [end, word, word]])
     assert family.cut_short(rows) == [False, True, False]
     longer = [prefix[0], word] + prefix[1:]  # an image with one OCR word in its prefix
+    # the real BLIP-base tokenizer and configuration (no [DEC] in its vocabulary: the start token is the config's)
+    real = load_family(str(REPO / "tests" / "fixtures" / "hub_files" / "blip-image-captioning-base"), "a picture of")
+    words = real.word_ids(["a bottle of shampoo, held in a hand."])[0]
+    ended = real.prefix + words + [real.end_id] + [real.pad_id] * (len(words) - 1)
+    full = torch.tensor([ended, real.prefix + words * 2])
+    assert real.cut_short(full) == [False, True] and real.decode(full[:1]) == ["a bottle of shampoo, held in a hand."]
     assert family.cut_short(torch.tensor([longer + [word, end]]), torch.tensor([len(longer)])) == [False]
     for cap in (2, 20):
         run_module("src.ft.test", "--output-dir", tmp_path / str(cap), "--checkpoint", ft_run / "best_model",
